@@ -1,0 +1,64 @@
+"""Exceptions raised by idemstore.
+
+Every exception idemstore raises on purpose derives from :class:`IdemstoreError`, so a caller
+can catch one type. Each class's docstring says what it means; its message says what happened.
+"""
+
+from __future__ import annotations
+
+
+class IdemstoreError(Exception):
+    """Base class of every error idemstore raises on purpose."""
+
+
+class InvalidInputError(IdemstoreError, ValueError):
+    """An argument was rejected before anything was written (for example a blank key)."""
+
+
+class LockTimeoutError(IdemstoreError):
+    """The database's write lock could not be had within the busy timeout."""
+
+
+class SchemaNotReadyError(IdemstoreError):
+    """The database schema is not at the revision this version of idemstore needs."""
+
+
+class ConfigurationError(IdemstoreError, ValueError):
+    """A database URL or engine option cannot be used."""
+
+
+class FileFormatError(IdemstoreError, ValueError):
+    """A JSON idempotency-key file cannot be read; the message names the file, record and field."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        record_id: str | None = None,
+        field: str | None = None,
+        line: int | None = None,
+    ) -> None:
+        self.path = path
+        self.record_id = record_id
+        self.field = field
+        self.line = line
+        self.reason = message
+        where = []
+        if path is not None:
+            where.append(f"{path}" + (f":{line}" if line is not None else ""))
+        if record_id is not None:
+            where.append(f"record {record_id!r}")
+        if field is not None:
+            where.append(f"field {field!r}")
+        super().__init__(": ".join([", ".join(where), message]) if where else message)
+
+
+__all__ = [
+    "ConfigurationError",
+    "FileFormatError",
+    "IdemstoreError",
+    "InvalidInputError",
+    "LockTimeoutError",
+    "SchemaNotReadyError",
+]
