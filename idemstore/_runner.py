@@ -1,0 +1,119 @@
+"""Running a :class:`~idemstore.ops.Call`: in a transaction of idemstore's own, or in the
+caller's. Synchronous; the async store reaches it in one hop per operation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session
+
+from . import ops
+from .config import safe_url
+from .dialects import Driver, is_lock_timeout, lock_timeout_error
+from .errors import SchemaNotReadyError
+from .schema import SCHEMA_REVISION
+
+T = TypeVar("T")
+
+logger = logging.getLogger("idemstore")
+
+SyncConnectionLike = sa.Connection | Session
+
+
+@contextmanager
+def translated_errors(busy_timeout_ms: int | None) -> Iterator[None]:
+    """Driver lock timeouts become :class:`LockTimeoutError`; everything else passes."""
+    try:
+        yield
+    except Exception as error:
+        if is_lock_timeout(error):
+            raise lock_timeout_error(error, busy_timeout_ms) from error
+        raise
+
+
+def run_owned(engine: sa.Engine, call: ops.Call[T], busy_timeout_ms: int | None) -> T:
+    """Run ``call`` in a transaction of its own on a pooled connection, commit, return it."""
+    with translated_errors(busy_timeout_ms):
+        pooled = engine.raw_connection()
+        try:
+            driver = Driver(pooled.dbapi_connection, engine.dialect, owns_transaction=True)
+            driver.begin(call.mode)
+            try:
+                result = call.run(driver)
+                driver.commit()
+            except BaseException:
+                driver.rollback()
+                raise
+            return result
+        finally:
+            pooled.close()
+
+
+def sync_connection(connection: SyncConnectionLike) -> sa.Connection:
+    """The SQLAlchemy Connection behind a caller's Connection or Session, in a transaction."""
+    if isinstance(connection, Session):
+        return connection.connection()
+    if isinstance(connection, sa.Connection):
+        if not connection.in_transaction():
+            connection.begin()
+        return connection
+    raise TypeError(
+        "connection must be a sqlalchemy Connection or Session "
+        f"(AsyncConnection / AsyncSession for the async store), not {type(connection).__name__}"
+    )
+
+
+def run_in_caller(
+    connection: SyncConnectionLike, call: ops.Call[T], busy_timeout_ms: int | None
+) -> T:
+    """Run ``call`` inside the caller's transaction: it commits or rolls back with theirs."""
+    with translated_errors(busy_timeout_ms):
+        conn = sync_connection(connection)
+        driver = Driver(conn.connection.dbapi_connection, conn.dialect, owns_transaction=False)
+        if call.mode == "write":
+            driver.join_for_write()
+        return call.run(driver)
+
+
+class SchemaGate:
+    """Checks once per store that the database is at the revision this package needs."""
+
+    def __init__(self) -> None:
+        self._ready = False
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def mark_ready(self) -> None:
+        self._ready = True
+
+    def check(self, engine: sa.Engine, busy_timeout_ms: int | None) -> None:
+        # Idempotent and cheap, so racing first calls may both run it: no lock (a thread lock
+        # would block the event loop under the async store's greenlet bridge).
+        if self._ready:
+            return
+        where = safe_url(engine.url)
+        driver_error = engine.dialect.loaded_dbapi.Error
+        try:
+            revision = run_owned(engine, ops.schema_revision(), busy_timeout_ms)
+        except (sa_exc.DBAPIError, driver_error) as error:  # no version table
+            logger.debug("schema check failed on %s: %s", where, error)
+            revision = None
+        if revision != SCHEMA_REVISION:
+            state = (
+                "has no idemstore schema"
+                if revision is None
+                else (f"is at idemstore schema revision {revision!r}")
+            )
+            raise SchemaNotReadyError(
+                f"database {where} {state}; this idemstore needs revision "
+                f"{SCHEMA_REVISION!r}: run `idemstore migrate` (or `alembic upgrade head`, "
+                "or open the store with migrate=True)"
+            )
+        self._ready = True

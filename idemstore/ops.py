@@ -1,0 +1,607 @@
+"""Every operation of the store, written once: the only place SQL runs.
+
+Each public function validates its arguments (raising before anything is written) and returns
+a :class:`Call`: whether it writes, and a synchronous function over a :class:`Driver`. The sync
+store runs it directly, the async store in one hop (a worker thread, or SQLAlchemy's greenlet
+bridge), and both also inside a caller's transaction. The statements are SQLAlchemy constructs,
+built and compiled once per dialect (see :mod:`idemstore.dialects`).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Generic, Literal, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.sql.elements import ClauseElement
+
+from .dialects import Driver, Row, insert_for
+from .errors import InvalidInputError
+from .ids import idempotency_record_id
+from .model import (
+    U64_MAX,
+    Conflict,
+    Duplicate,
+    IdempotencyRecord,
+    JSONValue,
+    Outcome,
+    RecordStatus,
+    Reservation,
+    Reserved,
+    TenantContext,
+    TenantSource,
+)
+from .schema import (
+    U64_MAX_STORED,
+    VERSION_TABLE,
+    decode_u64,
+    encode_u64,
+)
+from .schema import conflict_fingerprints as F
+from .schema import records as R
+
+T = TypeVar("T")
+Mode = Literal["read", "write"]
+
+#: Records deleted per transaction by ``purge_expired``.
+DEFAULT_PURGE_BATCH: Final = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[T]):
+    """One operation, ready to run: ``mode`` says which transaction it needs."""
+
+    mode: Mode
+    run: Callable[[Driver], T]
+
+
+# -- input rules (the Rust module's) ------------------------------------------------------
+
+
+def _non_empty(value: str, name: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{name} must be a string, not {type(value).__name__}")
+    normalized = value.strip()
+    if not normalized:
+        raise InvalidInputError(f"{name} cannot be empty")
+    return normalized
+
+
+def _u64(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= U64_MAX:
+        raise InvalidInputError(f"{name} must be an integer from 0 to 2^64-1, not {value!r}")
+    return value
+
+
+def _optional_str(value: str | None, name: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise InvalidInputError(f"{name} must be a string or None, not {type(value).__name__}")
+    return value
+
+
+def _tenant(tenant: TenantContext) -> TenantContext:
+    if not isinstance(tenant, TenantContext):
+        raise InvalidInputError(f"tenant must be a TenantContext, not {type(tenant).__name__}")
+    for name in ("org_id", "workspace_id"):
+        if not isinstance(getattr(tenant, name), str):
+            raise InvalidInputError(f"tenant {name} must be a string")
+    _optional_str(tenant.deployment_id, "tenant deployment_id")
+    _optional_str(tenant.actor_id, "tenant actor_id")
+    TenantSource(tenant.source)
+    return tenant
+
+
+def now_ms() -> int:
+    """Milliseconds since the Unix epoch, the store's clock."""
+    return time.time_ns() // 1_000_000
+
+
+def _now(value: int | None) -> int:
+    return now_ms() if value is None else _u64(value, "now_ms")
+
+
+def dump_details(details: JSONValue) -> str:
+    """Outcome details as stored: compact JSON, keys sorted (as serde_json writes them)."""
+    try:
+        return json.dumps(
+            details, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+    except (TypeError, ValueError) as error:
+        raise InvalidInputError(f"outcome details must be JSON-serialisable: {error}") from None
+
+
+def _outcome(outcome: Outcome) -> Outcome:
+    if not isinstance(outcome, Outcome):
+        raise InvalidInputError(f"outcome must be an Outcome, not {type(outcome).__name__}")
+    if not isinstance(outcome.outcome_kind, str):
+        raise InvalidInputError("outcome_kind must be a string")
+    _u64(outcome.completed_at_ms, "completed_at_ms")
+    for name in ("primary_ref_kind", "primary_ref_id", "secondary_ref_kind", "secondary_ref_id"):
+        _optional_str(getattr(outcome, name), name)
+    return outcome
+
+
+# -- rows <-> values ------------------------------------------------------------------------
+
+
+def record_params(
+    record: IdempotencyRecord, token: int, record_id: str | None = None
+) -> dict[str, Any]:
+    """Bind values (``p_<column>``) for a whole record row, u64 columns encoded."""
+    tenant = record.tenant_context
+    outcome = record.outcome
+
+    def opt_u64(value: int | None) -> int | None:
+        return None if value is None else encode_u64(value)
+
+    return {
+        "p_record_id": record.record_id if record_id is None else record_id,
+        "p_schema_version": record.schema_version,
+        "p_org_id": tenant.org_id,
+        "p_workspace_id": tenant.workspace_id,
+        "p_deployment_id": tenant.deployment_id,
+        "p_actor_id": tenant.actor_id,
+        "p_tenant_source": tenant.source.value,
+        "p_operation": record.operation,
+        "p_key": record.key,
+        "p_owner": record.owner,
+        "p_request_fingerprint": record.request_fingerprint,
+        "p_status": record.status.value,
+        "p_first_seen_at_ms": encode_u64(record.first_seen_at_ms),
+        "p_last_seen_at_ms": encode_u64(record.last_seen_at_ms),
+        "p_first_seen_event_id": record.first_seen_event_id,
+        "p_expires_at_ms": opt_u64(record.expires_at_ms),
+        **_outcome_params(outcome),
+        "p_conflict_count": encode_u64(record.conflict_count),
+        "p_reservation_token": token,
+    }
+
+
+def _outcome_params(outcome: Outcome | None) -> dict[str, Any]:
+    if outcome is None:
+        return dict.fromkeys(
+            (
+                "p_outcome_kind",
+                "p_outcome_completed_at_ms",
+                "p_outcome_primary_ref_kind",
+                "p_outcome_primary_ref_id",
+                "p_outcome_secondary_ref_kind",
+                "p_outcome_secondary_ref_id",
+                "p_outcome_details",
+            )
+        )
+    return {
+        "p_outcome_kind": outcome.outcome_kind,
+        "p_outcome_completed_at_ms": encode_u64(outcome.completed_at_ms),
+        "p_outcome_primary_ref_kind": outcome.primary_ref_kind,
+        "p_outcome_primary_ref_id": outcome.primary_ref_id,
+        "p_outcome_secondary_ref_kind": outcome.secondary_ref_kind,
+        "p_outcome_secondary_ref_id": outcome.secondary_ref_id,
+        "p_outcome_details": dump_details(outcome.details),
+    }
+
+
+def record_from_row(row: Row, fingerprints: Sequence[str] = ()) -> IdempotencyRecord:
+    """An :class:`IdempotencyRecord` from a row in ``records`` column order."""
+    (
+        record_id,
+        schema_version,
+        org_id,
+        workspace_id,
+        deployment_id,
+        actor_id,
+        tenant_source,
+        operation,
+        key,
+        owner,
+        request_fingerprint,
+        status,
+        first_seen_at_ms,
+        last_seen_at_ms,
+        first_seen_event_id,
+        expires_at_ms,
+        outcome_kind,
+        outcome_completed_at_ms,
+        primary_ref_kind,
+        primary_ref_id,
+        secondary_ref_kind,
+        secondary_ref_id,
+        details,
+        conflict_count,
+        _token,
+    ) = row
+    outcome = None
+    if outcome_kind is not None:
+        outcome = Outcome(
+            outcome_kind=outcome_kind,
+            completed_at_ms=decode_u64(outcome_completed_at_ms),
+            primary_ref_kind=primary_ref_kind,
+            primary_ref_id=primary_ref_id,
+            secondary_ref_kind=secondary_ref_kind,
+            secondary_ref_id=secondary_ref_id,
+            details=None if details is None else json.loads(details),
+        )
+    return IdempotencyRecord(
+        schema_version=int(schema_version),
+        record_id=record_id,
+        tenant_context=TenantContext(
+            org_id, workspace_id, deployment_id, actor_id, TenantSource(tenant_source)
+        ),
+        operation=operation,
+        key=key,
+        owner=owner,
+        request_fingerprint=request_fingerprint,
+        status=RecordStatus(status),
+        first_seen_at_ms=decode_u64(first_seen_at_ms),
+        last_seen_at_ms=decode_u64(last_seen_at_ms),
+        first_seen_event_id=first_seen_event_id,
+        expires_at_ms=None if expires_at_ms is None else decode_u64(expires_at_ms),
+        outcome=outcome,
+        conflict_count=decode_u64(conflict_count),
+        conflict_fingerprints=tuple(fingerprints),
+    )
+
+
+_TOKEN_INDEX: Final = list(R.c.keys()).index("reservation_token")
+_FINGERPRINT_INDEX: Final = list(R.c.keys()).index("request_fingerprint")
+
+
+# -- statements -----------------------------------------------------------------------------
+
+
+def _p(name: str, type_: sa.types.TypeEngine[Any] | None = None) -> sa.BindParameter[Any]:
+    return sa.bindparam(f"p_{name}", type_=type_)
+
+
+def _lit(sql: str) -> sa.ColumnElement[Any]:
+    return sa.literal_column(sql)
+
+
+def _details_param() -> sa.ColumnElement[Any]:
+    # Bound as text, cast to the column's type (JSON on PostgreSQL, TEXT on SQLite).
+    return sa.cast(_p("outcome_details", sa.Text()), R.c.outcome_details.type)
+
+
+def _returning() -> list[sa.ColumnElement[Any]]:
+    # Details come back as text on every driver (psycopg would parse JSON, asyncpg not).
+    return [
+        sa.cast(c, sa.Text()).label(c.name) if c.name == "outcome_details" else c for c in R.columns
+    ]
+
+
+def _tenant_match() -> sa.ColumnElement[bool]:
+    return sa.and_(
+        R.c.record_id == _p("record_id"),
+        R.c.org_id == _p("org_id"),
+        R.c.workspace_id == _p("workspace_id"),
+        R.c.deployment_id.is_not_distinct_from(_p("deployment_id", sa.String())),
+    )
+
+
+#: Columns a reservation writes afresh when it replaces an expired record.
+_FRESH: Final = tuple(
+    c.name
+    for c in R.columns
+    if c.name not in {"record_id", "status", "last_seen_at_ms", "conflict_count"}
+)
+
+
+def _build_reserve(dialect: Dialect) -> ClauseElement:
+    values: dict[str, Any] = {c.name: _p(c.name) for c in R.columns}
+    values["outcome_details"] = _details_param()
+    stmt = insert_for(dialect)(R).values(values)
+    new = stmt.excluded  # type: ignore[attr-defined]
+    # The four branches of the Rust reserve, in its order, against the existing row:
+    expired = sa.and_(R.c.expires_at_ms.is_not(None), R.c.expires_at_ms <= new.last_seen_at_ms)
+    same = R.c.request_fingerprint == new.request_fingerprint
+    set_: dict[str, Any] = {name: sa.case((expired, new[name]), else_=R.c[name]) for name in _FRESH}
+    set_["status"] = sa.case(
+        (expired, new.status), (same, R.c.status), else_=_lit(f"'{RecordStatus.CONFLICTED.value}'")
+    )
+    set_["last_seen_at_ms"] = new.last_seen_at_ms
+    set_["conflict_count"] = sa.case(
+        (expired, new.conflict_count),
+        (same, R.c.conflict_count),
+        (R.c.conflict_count >= _lit(str(U64_MAX_STORED)), R.c.conflict_count),  # saturating
+        else_=R.c.conflict_count + _lit("1"),
+    )
+    upsert = stmt.on_conflict_do_update(index_elements=[R.c.record_id], set_=set_)  # type: ignore[attr-defined]
+    return upsert.returning(*_returning())  # type: ignore[no-any-return]
+
+
+def _build_complete(dialect: Dialect) -> ClauseElement:
+    return (
+        sa.update(R)
+        .where(_tenant_match())
+        .values(
+            status=_lit(f"'{RecordStatus.COMPLETED.value}'"),
+            outcome_kind=_p("outcome_kind"),
+            outcome_completed_at_ms=_p("outcome_completed_at_ms"),
+            outcome_primary_ref_kind=_p("outcome_primary_ref_kind"),
+            outcome_primary_ref_id=_p("outcome_primary_ref_id"),
+            outcome_secondary_ref_kind=_p("outcome_secondary_ref_kind"),
+            outcome_secondary_ref_id=_p("outcome_secondary_ref_id"),
+            outcome_details=_details_param(),
+            last_seen_at_ms=_p("now"),
+        )
+        .returning(*_returning())
+    )
+
+
+def _build_get(dialect: Dialect) -> ClauseElement:
+    return sa.select(*_returning()).where(_tenant_match())
+
+
+def _build_release(dialect: Dialect) -> ClauseElement:
+    return (
+        sa.delete(R)
+        .where(
+            _tenant_match(),
+            R.c.status == _lit(f"'{RecordStatus.RESERVED.value}'"),
+            R.c.request_fingerprint == _p("request_fingerprint"),
+        )
+        .returning(R.c.record_id)
+    )
+
+
+def _build_purge(dialect: Dialect) -> ClauseElement:
+    batch = (
+        sa.select(R.c.record_id)
+        .where(R.c.expires_at_ms <= _p("now"))
+        .order_by(R.c.expires_at_ms)
+        .limit(_p("limit", sa.Integer()))
+    )
+    # The condition is repeated so that a row refreshed by a concurrent reservation after the
+    # sub-select (PostgreSQL, READ COMMITTED re-checks it) is left alone.
+    return (
+        sa.delete(R)
+        .where(R.c.record_id.in_(batch), R.c.expires_at_ms <= _p("now"))
+        .returning(R.c.record_id)
+    )
+
+
+def _build_fingerprints_select(dialect: Dialect) -> ClauseElement:
+    return sa.select(F.c.fingerprint).where(F.c.record_id == _p("record_id")).order_by(F.c.id)
+
+
+def _build_fingerprints_insert(dialect: Dialect) -> ClauseElement:
+    stmt = insert_for(dialect)(F).values(record_id=_p("record_id"), fingerprint=_p("fingerprint"))
+    return stmt.on_conflict_do_nothing(index_elements=[F.c.record_id, F.c.fingerprint])  # type: ignore[attr-defined, no-any-return]
+
+
+def _build_fingerprints_delete(dialect: Dialect) -> ClauseElement:
+    return sa.delete(F).where(F.c.record_id == _p("record_id"))
+
+
+def _build_stats(dialect: Dialect) -> ClauseElement:
+    return (
+        sa.select(R.c.operation, R.c.status, sa.func.count())
+        .group_by(R.c.operation, R.c.status)
+        .order_by(R.c.operation, R.c.status)
+    )
+
+
+def _build_schema_revision(dialect: Dialect) -> ClauseElement:
+    return sa.select(sa.column("version_num")).select_from(sa.table(VERSION_TABLE))
+
+
+def _fingerprints(d: Driver, record_id: str) -> list[str]:
+    rows = d.execute("fingerprints_select", _build_fingerprints_select, {"p_record_id": record_id})
+    return [row[0] for row in rows]
+
+
+def _tenant_params(tenant: TenantContext, record_id: str) -> dict[str, Any]:
+    return {
+        "p_record_id": record_id,
+        "p_org_id": tenant.org_id,
+        "p_workspace_id": tenant.workspace_id,
+        "p_deployment_id": tenant.deployment_id,
+    }
+
+
+# -- operations -----------------------------------------------------------------------------
+
+
+def reserve(
+    tenant: TenantContext,
+    operation: str,
+    key: str,
+    owner: str,
+    request_fingerprint: str,
+    *,
+    first_seen_event_id: str | None = None,
+    expires_at_ms: int | None = None,
+    now_ms: int | None = None,
+) -> Call[Reservation]:
+    """Reserve a key: one upsert whose CASE expressions are the Rust reserve's four branches."""
+    key = _non_empty(key, "idempotency key")
+    operation = _non_empty(operation, "idempotency operation")
+    owner = _non_empty(owner, "idempotency owner")
+    fingerprint = _non_empty(request_fingerprint, "idempotency fingerprint")
+    tenant = _tenant(tenant)
+    _optional_str(first_seen_event_id, "first_seen_event_id")
+    if expires_at_ms is not None:
+        _u64(expires_at_ms, "expires_at_ms")
+    now = _now(now_ms)
+    record_id = idempotency_record_id(tenant, operation, key)
+    fresh = IdempotencyRecord(
+        record_id=record_id,
+        tenant_context=tenant,
+        operation=operation,
+        key=key,
+        owner=owner,
+        request_fingerprint=fingerprint,
+        status=RecordStatus.RESERVED,
+        first_seen_at_ms=now,
+        last_seen_at_ms=now,
+        first_seen_event_id=first_seen_event_id,
+        expires_at_ms=expires_at_ms,
+    )
+
+    def run(d: Driver) -> Reservation:
+        token = secrets.randbits(63)
+        (row,) = d.execute("reserve", _build_reserve, record_params(fresh, token))
+        if row[_TOKEN_INDEX] == token:
+            # This call created the current generation (new, or an expired record replaced):
+            # its conflict history, if any, goes with the old generation.
+            d.execute("fingerprints_delete", _build_fingerprints_delete, {"p_record_id": record_id})
+            return Reserved(record_from_row(row))
+        if row[_FINGERPRINT_INDEX] == fingerprint:
+            return Duplicate(record_from_row(row, _fingerprints(d, record_id)))
+        d.execute(
+            "fingerprints_insert",
+            _build_fingerprints_insert,
+            {"p_record_id": record_id, "p_fingerprint": fingerprint},
+        )
+        return Conflict(record_from_row(row, _fingerprints(d, record_id)))
+
+    return Call("write", run)
+
+
+def complete(
+    tenant: TenantContext,
+    operation: str,
+    key: str,
+    outcome: Outcome,
+    *,
+    now_ms: int | None = None,
+) -> Call[IdempotencyRecord | None]:
+    """Set a record of the same tenant to completed with ``outcome``, whatever its status."""
+    operation = _non_empty(operation, "idempotency operation")
+    key = _non_empty(key, "idempotency key")
+    tenant = _tenant(tenant)
+    outcome = _outcome(outcome)
+    now = _now(now_ms)
+    record_id = idempotency_record_id(tenant, operation, key)
+    params = {**_tenant_params(tenant, record_id), **_outcome_params(outcome)}
+    params["p_now"] = encode_u64(now)
+
+    def run(d: Driver) -> IdempotencyRecord | None:
+        rows = d.execute("complete", _build_complete, params)
+        if not rows:
+            return None
+        return record_from_row(rows[0], _fingerprints(d, record_id))
+
+    return Call("write", run)
+
+
+def get(tenant: TenantContext, operation: str, key: str) -> Call[IdempotencyRecord | None]:
+    """The record of this tenant, operation and key; None for a blank operation or key."""
+    tenant = _tenant(tenant)
+    if not isinstance(operation, str) or not isinstance(key, str):
+        raise InvalidInputError("operation and key must be strings")
+    operation, key = operation.strip(), key.strip()
+    record_id = idempotency_record_id(tenant, operation, key)
+    params = _tenant_params(tenant, record_id)
+
+    def run(d: Driver) -> IdempotencyRecord | None:
+        if not operation or not key:
+            return None
+        rows = d.execute("get", _build_get, params)
+        if not rows:
+            return None
+        return record_from_row(rows[0], _fingerprints(d, record_id))
+
+    return Call("read", run)
+
+
+def release(
+    tenant: TenantContext, operation: str, key: str, request_fingerprint: str
+) -> Call[bool]:
+    """Delete a record of this tenant while it is still ``reserved`` and the fingerprint
+    matches (the work failed: a retry starts clean). Returns whether a record was deleted."""
+    operation = _non_empty(operation, "idempotency operation")
+    key = _non_empty(key, "idempotency key")
+    fingerprint = _non_empty(request_fingerprint, "idempotency fingerprint")
+    tenant = _tenant(tenant)
+    record_id = idempotency_record_id(tenant, operation, key)
+    params = {**_tenant_params(tenant, record_id), "p_request_fingerprint": fingerprint}
+
+    def run(d: Driver) -> bool:
+        return bool(d.execute("release", _build_release, params))
+
+    return Call("write", run)
+
+
+def purge_expired(*, now_ms: int | None = None, batch_size: int = DEFAULT_PURGE_BATCH) -> Call[int]:
+    """Delete records whose ``expires_at_ms <= now``, ``batch_size`` per transaction when the
+    store owns the transaction. Returns how many were deleted."""
+    now = _now(now_ms)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidInputError(f"batch_size must be a positive integer, not {batch_size!r}")
+    params = {"p_now": encode_u64(now), "p_limit": batch_size}
+
+    def run(d: Driver) -> int:
+        total = 0
+        while True:
+            deleted = len(d.execute("purge", _build_purge, params))
+            total += deleted
+            if deleted < batch_size:
+                return total
+            d.checkpoint()
+
+    return Call("write", run)
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Record counts by operation and status."""
+
+    counts: Mapping[tuple[str, RecordStatus], int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def by_status(self) -> dict[RecordStatus, int]:
+        result = dict.fromkeys(RecordStatus, 0)
+        for (_, status), count in self.counts.items():
+            result[status] += count
+        return result
+
+    def by_operation(self) -> dict[str, int]:
+        result: dict[str, int] = {}
+        for (operation, _), count in self.counts.items():
+            result[operation] = result.get(operation, 0) + count
+        return result
+
+
+def stats() -> Call[Stats]:
+    def run(d: Driver) -> Stats:
+        rows = d.execute("stats", _build_stats)
+        return Stats({(op, RecordStatus(status)): int(n) for op, status, n in rows})
+
+    return Call("read", run)
+
+
+def schema_revision() -> Call[str | None]:
+    """The Alembic revision the database is at (raises if the version table is missing)."""
+
+    def run(d: Driver) -> str | None:
+        rows = d.execute("schema_revision", _build_schema_revision)
+        return str(rows[0][0]) if rows else None
+
+    return Call("read", run)
+
+
+__all__ = [
+    "DEFAULT_PURGE_BATCH",
+    "Call",
+    "Stats",
+    "complete",
+    "dump_details",
+    "get",
+    "now_ms",
+    "purge_expired",
+    "record_from_row",
+    "record_params",
+    "release",
+    "reserve",
+    "schema_revision",
+    "stats",
+]

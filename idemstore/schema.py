@@ -1,0 +1,139 @@
+"""The tables: the one source of truth that the Alembic migrations match.
+
+Unsigned 64-bit values (timestamps in ms, ``conflict_count``) are Rust ``u64``. No portable SQL
+integer holds 2^64-1, so they are stored in a signed ``BIGINT`` shifted by 2^63 (stored =
+value - 2^63). The shift keeps order, so ``expires_at_ms <= now`` and the purge index work on
+stored values directly, and every u64 round-trips exactly. :class:`UInt64` does the shift for
+Core queries; :func:`encode_u64` / :func:`decode_u64` are the same mapping for raw statements.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Dialect
+
+from .model import U64_MAX
+
+#: The Alembic revision this version of the package needs (checked on open; a test keeps it
+#: equal to the head of ``migrations/``).
+SCHEMA_REVISION: Final = "0001_initial"
+#: Alembic's version table for idemstore, kept apart from a host app's ``alembic_version``.
+VERSION_TABLE: Final = "idemstore_alembic_version"
+
+_U64_SHIFT: Final = 2**63
+
+
+def encode_u64(value: int) -> int:
+    """Map a u64 onto the stored signed 64-bit value, keeping order."""
+    return value - _U64_SHIFT
+
+
+def decode_u64(stored: int) -> int:
+    """Inverse of :func:`encode_u64`."""
+    return int(stored) + _U64_SHIFT
+
+
+#: Stored form of the largest u64 (the conflict-count saturation point).
+U64_MAX_STORED: Final = encode_u64(U64_MAX)
+
+
+class UInt64(sa.TypeDecorator[int]):
+    """A Rust ``u64`` column, stored order-preserving in a signed BIGINT (see module doc)."""
+
+    impl = sa.BigInteger
+    cache_ok = True
+
+    def process_bind_param(self, value: int | None, dialect: Dialect) -> int | None:
+        return None if value is None else encode_u64(value)
+
+    def process_result_value(self, value: Any | None, dialect: Dialect) -> int | None:
+        return None if value is None else decode_u64(value)
+
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+records = sa.Table(
+    "idemstore_records",
+    metadata,
+    sa.Column("record_id", sa.String, primary_key=True),
+    sa.Column("schema_version", sa.BigInteger, nullable=False),
+    sa.Column("org_id", sa.String, nullable=False),
+    sa.Column("workspace_id", sa.String, nullable=False),
+    sa.Column("deployment_id", sa.String, nullable=True),
+    sa.Column("actor_id", sa.String, nullable=True),
+    sa.Column("tenant_source", sa.String(16), nullable=False),
+    sa.Column("operation", sa.String, nullable=False),
+    sa.Column("key", sa.String, nullable=False),
+    sa.Column("owner", sa.String, nullable=False),
+    sa.Column("request_fingerprint", sa.String, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("first_seen_at_ms", UInt64, nullable=False),
+    sa.Column("last_seen_at_ms", UInt64, nullable=False),
+    sa.Column("first_seen_event_id", sa.String, nullable=True),
+    sa.Column("expires_at_ms", UInt64, nullable=True),
+    sa.Column("outcome_kind", sa.String, nullable=True),
+    sa.Column("outcome_completed_at_ms", UInt64, nullable=True),
+    sa.Column("outcome_primary_ref_kind", sa.String, nullable=True),
+    sa.Column("outcome_primary_ref_id", sa.String, nullable=True),
+    sa.Column("outcome_secondary_ref_kind", sa.String, nullable=True),
+    sa.Column("outcome_secondary_ref_id", sa.String, nullable=True),
+    # JSON exactly as written (compact, keys sorted): TEXT on SQLite (a column declared JSON
+    # there has NUMERIC affinity and would turn "1.50" into 1.5), JSON on PostgreSQL (which
+    # keeps the text as given, unlike JSONB).
+    sa.Column(
+        "outcome_details", sa.Text().with_variant(postgresql.JSON(), "postgresql"), nullable=True
+    ),
+    sa.Column("conflict_count", UInt64, nullable=False),
+    # Random per reservation: tells the caller whose upsert created the current generation,
+    # so Reserved vs Duplicate is exact even within one millisecond.
+    sa.Column("reservation_token", sa.BigInteger, nullable=False),
+    sa.CheckConstraint("status IN ('reserved', 'completed', 'conflicted')", name="status"),
+    sa.CheckConstraint("tenant_source IN ('local_implicit', 'explicit')", name="tenant_source"),
+    sa.CheckConstraint(
+        "(outcome_kind IS NULL) = (outcome_completed_at_ms IS NULL)", name="outcome_complete"
+    ),
+    sa.Index("ix_idemstore_records_expires_at_ms", "expires_at_ms"),
+)
+
+conflict_fingerprints = sa.Table(
+    "idemstore_conflict_fingerprints",
+    metadata,
+    # Insertion order = first-seen order.
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+        sa.Identity(),
+        primary_key=True,
+    ),
+    sa.Column(
+        "record_id",
+        sa.String,
+        sa.ForeignKey(records.c.record_id, ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("fingerprint", sa.String, nullable=False),
+    sa.UniqueConstraint("record_id", "fingerprint"),
+)
+
+__all__ = [
+    "SCHEMA_REVISION",
+    "U64_MAX_STORED",
+    "VERSION_TABLE",
+    "UInt64",
+    "conflict_fingerprints",
+    "decode_u64",
+    "encode_u64",
+    "metadata",
+    "records",
+]

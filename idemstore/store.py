@@ -1,0 +1,191 @@
+"""The synchronous store: :class:`IdempotencyStore`."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL
+
+from . import ops
+from ._runner import SchemaGate, SyncConnectionLike, run_in_caller, run_owned
+from .config import DEFAULT_SYNCHRONOUS, create_engine
+from .dialects import DEFAULT_BUSY_TIMEOUT_MS
+from .migrate import upgrade
+from .model import IdempotencyRecord, Outcome, Reservation, TenantContext
+
+T = TypeVar("T")
+
+
+def migrate_engine(engine: sa.Engine) -> None:
+    """Upgrade ``engine``'s database to idemstore's head revision, in one transaction."""
+    with engine.begin() as connection:
+        upgrade(connection)
+
+
+class IdempotencyStore:
+    """Idempotency keys in a SQL database, synchronously.
+
+    Every method runs in one transaction of its own, or, given ``connection=`` (a SQLAlchemy
+    ``Connection`` or ``Session``), inside the caller's transaction, so that a key and the
+    caller's own writes commit or roll back together.
+    """
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        *,
+        busy_timeout_ms: int | None = None,
+        dispose_engine: bool = False,
+    ) -> None:
+        """Use ``engine`` (build it with :func:`idemstore.create_engine` for idemstore's SQLite
+        settings). ``busy_timeout_ms`` only feeds error messages; ``dispose_engine`` makes
+        :meth:`close` dispose it."""
+        self._engine = engine
+        self._busy_timeout_ms = busy_timeout_ms
+        self._dispose_engine = dispose_engine
+        self._gate = SchemaGate()
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str | URL | None = None,
+        *,
+        migrate: bool = False,
+        synchronous: str = DEFAULT_SYNCHRONOUS,
+        busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+        **engine_options: Any,
+    ) -> IdempotencyStore:
+        """Open the store at ``url`` (else ``$IDEMSTORE_DATABASE_URL``, else
+        ``sqlite:///idemstore.db``). ``migrate=True`` upgrades the schema to head first;
+        ``synchronous`` is SQLite's durability setting (FULL, NORMAL, OFF, EXTRA)."""
+        engine = create_engine(
+            url, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, **engine_options
+        )
+        store = cls(engine, busy_timeout_ms=busy_timeout_ms, dispose_engine=True)
+        if migrate:
+            store.migrate()
+        return store
+
+    @property
+    def engine(self) -> sa.Engine:
+        return self._engine
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def migrate(self) -> None:
+        """Upgrade the database to the schema this version needs (``alembic upgrade head``)."""
+        migrate_engine(self._engine)
+        self._gate.mark_ready()
+
+    def check_schema(self) -> None:
+        """Raise :class:`SchemaNotReadyError` unless the database is at idemstore's head."""
+        self._gate.check(self._engine, self._busy_timeout_ms)
+
+    def close(self) -> None:
+        """Dispose the engine if this store created it."""
+        if self._dispose_engine:
+            self._engine.dispose()
+
+    def __enter__(self) -> IdempotencyStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def run(self, call: ops.Call[T], *, connection: SyncConnectionLike | None = None) -> T:
+        """Run one prepared operation from :mod:`idemstore.ops`."""
+        self.check_schema()
+        if connection is not None:
+            return run_in_caller(connection, call, self._busy_timeout_ms)
+        return run_owned(self._engine, call, self._busy_timeout_ms)
+
+    # -- operations -----------------------------------------------------------------------
+
+    def reserve(
+        self,
+        tenant: TenantContext,
+        operation: str,
+        key: str,
+        owner: str,
+        request_fingerprint: str,
+        *,
+        first_seen_event_id: str | None = None,
+        expires_at_ms: int | None = None,
+        now_ms: int | None = None,
+        connection: SyncConnectionLike | None = None,
+    ) -> Reservation:
+        """Reserve ``key``: :class:`Reserved`, :class:`Duplicate` or :class:`Conflict`."""
+        call = ops.reserve(
+            tenant,
+            operation,
+            key,
+            owner,
+            request_fingerprint,
+            first_seen_event_id=first_seen_event_id,
+            expires_at_ms=expires_at_ms,
+            now_ms=now_ms,
+        )
+        return self.run(call, connection=connection)
+
+    def complete(
+        self,
+        tenant: TenantContext,
+        operation: str,
+        key: str,
+        outcome: Outcome,
+        *,
+        now_ms: int | None = None,
+        connection: SyncConnectionLike | None = None,
+    ) -> IdempotencyRecord | None:
+        """Record the outcome; None when this tenant has no such record."""
+        return self.run(
+            ops.complete(tenant, operation, key, outcome, now_ms=now_ms), connection=connection
+        )
+
+    def get(
+        self,
+        tenant: TenantContext,
+        operation: str,
+        key: str,
+        *,
+        connection: SyncConnectionLike | None = None,
+    ) -> IdempotencyRecord | None:
+        """The record, or None (also for a blank operation or key)."""
+        return self.run(ops.get(tenant, operation, key), connection=connection)
+
+    def release(
+        self,
+        tenant: TenantContext,
+        operation: str,
+        key: str,
+        request_fingerprint: str,
+        *,
+        connection: SyncConnectionLike | None = None,
+    ) -> bool:
+        """Delete a still-``reserved`` record whose fingerprint matches; whether it did."""
+        return self.run(
+            ops.release(tenant, operation, key, request_fingerprint), connection=connection
+        )
+
+    def purge_expired(
+        self,
+        *,
+        now_ms: int | None = None,
+        batch_size: int = ops.DEFAULT_PURGE_BATCH,
+        connection: SyncConnectionLike | None = None,
+    ) -> int:
+        """Delete records with ``expires_at_ms <= now`` in batches; how many."""
+        return self.run(
+            ops.purge_expired(now_ms=now_ms, batch_size=batch_size), connection=connection
+        )
+
+    def stats(self, *, connection: SyncConnectionLike | None = None) -> ops.Stats:
+        """Record counts by operation and status."""
+        return self.run(ops.stats(), connection=connection)

@@ -1,0 +1,89 @@
+"""Alembic environment for idemstore.
+
+The connection comes from ``config.attributes["connection"]`` when idemstore (or a test) runs
+the migrations on a connection it holds (Alembic cookbook); else from ``-x url=...``, else
+``$IDEMSTORE_DATABASE_URL``, else ``sqlite:///idemstore.db``. Async URLs run through
+``AsyncConnection.run_sync``. Only idemstore's tables are compared by autogenerate, so the
+schema can live beside an application's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging.config
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import context
+
+from idemstore.config import create_async_engine, create_engine, resolve_url
+from idemstore.schema import VERSION_TABLE, metadata
+
+config = context.config
+if config.config_file_name is not None and config.attributes.get("connection") is None:
+    logging.config.fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+
+def include_name(name: str | None, type_: str, parent_names: Any) -> bool:
+    if type_ == "table":
+        return name is not None and name.startswith("idemstore_") and name != VERSION_TABLE
+    return True
+
+
+def _configure(**kwargs: Any) -> None:
+    context.configure(
+        target_metadata=metadata,
+        version_table=VERSION_TABLE,
+        include_name=include_name,
+        compare_type=True,
+        render_as_batch=True,
+        **kwargs,
+    )
+
+
+def _url() -> sa.URL:
+    return resolve_url(context.get_x_argument(as_dictionary=True).get("url"))
+
+
+def run_on(connection: sa.Connection) -> None:
+    _configure(connection=connection)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def _run_async(url: sa.URL) -> None:
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(run_on)
+    finally:
+        await engine.dispose()
+
+
+def run_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        run_on(connection)
+        return
+    url = _url()
+    if url.get_dialect().is_async:
+        asyncio.run(_run_async(url))
+        return
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            run_on(conn)
+    finally:
+        engine.dispose()
+
+
+def run_offline() -> None:
+    _configure(url=_url().render_as_string(hide_password=False), literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+if context.is_offline_mode():
+    run_offline()
+else:
+    run_online()
