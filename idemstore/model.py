@@ -15,9 +15,7 @@ U64_MAX: Final = 2**64 - 1
 #: The record/file schema version the Rust module writes.
 RECORD_SCHEMA_VERSION: Final = 1
 
-JSONValue: TypeAlias = Union[
-    None, bool, int, float, str, list["JSONValue"], dict[str, "JSONValue"]
-]
+JSONValue: TypeAlias = Union[bool, int, float, str, list["JSONValue"], dict[str, "JSONValue"], None]
 
 
 class TenantSource(StrEnum):
@@ -122,7 +120,11 @@ class Reserved:
 
 @dataclass(frozen=True, slots=True)
 class Duplicate:
-    """The same request was seen before: replay ``record.outcome`` (or see ``is_orphaned_reservation``)."""
+    """The same request was seen before: replay ``record.outcome``.
+
+    A duplicate still ``reserved`` with no outcome is an orphaned reservation
+    (``record.is_orphaned_reservation``): the first caller may have died mid-work.
+    """
 
     record: IdempotencyRecord
 

@@ -1,0 +1,1 @@
+"""idemstore: idempotency keys in SQL, compatible with the tandem JSON key store."""
