@@ -655,11 +655,10 @@ class _Source:
         self.ensure(_READ_AHEAD)
         while True:
             try:
-                value, end = scan(self.buf, self.pos)
-            except StopIteration:
-                if self.pos >= len(self.buf) and self.fill():
-                    continue
-                raise self._unexpected(self.peek(), "a JSON value") from None
+                try:
+                    value, end = scan(self.buf, self.pos)
+                except StopIteration as stop:  # what raw_decode turns into "Expecting value"
+                    raise json.JSONDecodeError("Expecting value", self.buf, stop.value) from None
             except json.JSONDecodeError as exc:
                 if self._truncated(exc) and self.fill():
                     continue
@@ -668,6 +667,14 @@ class _Source:
                         "unexpected end of file (truncated JSON?)", at=self.base + exc.pos
                     ) from None
                 raise self.error(f"invalid JSON: {exc.msg}", at=self.base + exc.pos) from None
+            except _NonFinite:
+                if scan is not _PLAIN_SCAN:
+                    raise  # the record reader explains it with the field
+                try:
+                    _pparse(self.buf, self.pos, "", {}, {})
+                except _SyntaxProblem as problem:
+                    raise self.error(problem.message, at=self.base + problem.pos) from None
+                raise self.error("NaN and Infinity are not valid JSON") from None
             if end >= len(self.buf) and self.fill():
                 continue  # a number may go on in the next chunk
             self.pos = end
