@@ -614,6 +614,9 @@ class _Source:
 
     def peek(self) -> str:
         """Skip JSON whitespace; return the next char ('' at end of file)."""
+        buf, pos = self.buf, self.pos
+        if pos < len(buf) and buf[pos] not in _JSON_WS:
+            return buf[pos]
         while True:
             m = _WS_RE.match(self.buf, self.pos)
             assert m is not None
@@ -652,7 +655,8 @@ class _Source:
 
     def value(self, scan: Callable[[str, int], tuple[Any, int]] = _PLAIN_SCAN) -> Any:
         """Decode one whole JSON value at the cursor (already on its first char)."""
-        self.ensure(_READ_AHEAD)
+        if len(self.buf) - self.pos < _READ_AHEAD and not self.eof:
+            self.ensure(_READ_AHEAD)
         while True:
             try:
                 try:
