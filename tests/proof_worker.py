@@ -4,8 +4,9 @@
 
 - ``hammer``: reserve a few shared keys with mixed fingerprints, ``count`` times;
 - ``race``: ``release`` or ``complete`` (the job's ``role``) every given key, in random order;
-- ``crash``: reserve / conflict / complete new keys until killed, printing each acknowledged
-  step (``R key``, ``C key``, ``D key``) and flushing before the next one.
+- ``crash``: print ``ready``, wait for ``go``, open the store and reserve / conflict / complete
+  new keys until killed, printing each acknowledged step (``R key``, ``C key``, ``D key``)
+  and flushing before the next one.
 
 Otherwise the job lists ``phases`` (``hammer`` or ``race``), run in turn: for each the worker
 prints ``ready``, waits for ``go`` on stdin (so that all workers start together) and prints one
@@ -97,11 +98,14 @@ def crash(store: IdempotencyStore, job: dict[str, Any]) -> None:
 
 def main() -> None:
     job = json.loads(sys.argv[1])
+    if job.get("action") == "crash":
+        # Imported, not yet opened: the test starts the next writer while this one runs.
+        print("ready", flush=True)
+        assert sys.stdin.readline().strip() == "go"
+        crash(open_store(job), job)
+        return
     store = open_store(job)
     try:
-        if job.get("action") == "crash":
-            crash(store, job)
-            return
         store.check_schema()  # connect and warm up before the start line
         for phase in job["phases"]:
             print("ready", flush=True)
