@@ -157,6 +157,28 @@ class Driver:
         finally:
             cursor.close()
 
+    def executemany(
+        self, name: str, build: StatementBuilder, rows: Sequence[Sequence[Any]]
+    ) -> None:
+        """Run a one-row statement whose binds are ``v0``, ``v1``, ... once per row of ``rows``
+        (the driver's own batching: SQLite's prepared-statement loop in C, psycopg's pipeline,
+        asyncpg's ``executemany``)."""
+        if not rows:
+            return
+        stmt = compile_statement(name, build, self.dialect)
+        bound: Any
+        if stmt.positional is not None:
+            order = _flat_order(stmt)
+            bound = rows if order is None else [[row[i] for i in order] for row in rows]
+        else:
+            names = flat_names(len(rows[0]))
+            bound = [dict(zip(names, row, strict=True)) for row in rows]
+        cursor = self.dbapi.cursor()
+        try:
+            cursor.executemany(stmt.sql, bound)
+        finally:
+            cursor.close()
+
     def stream(
         self,
         name: str,

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import secrets
+import struct
 import sys
 import time
 from collections import Counter
@@ -343,7 +344,8 @@ def _flush(
     rows: list[Row] = []
     fingerprints: list[tuple[str, str]] = []
     replaced: list[str] = []
-    randbits = secrets.randbits
+    # Reservation tokens: 63 random bits each (secrets.randbits(63)), drawn in one call.
+    tokens = iter(struct.unpack(f"<{len(batch)}Q", secrets.token_bytes(8 * len(batch))))
     for row, fps in batch:
         record_id = row[0]
         found = existing.get(record_id)
@@ -361,7 +363,7 @@ def _flush(
             replaced.append(record_id)
         else:
             report.inserted += 1
-        rows.append((*row, randbits(63)))
+        rows.append((*row, next(tokens) >> 1))
         for fp in fps:
             fingerprints.append((record_id, fp))
     if dry_run:

@@ -592,15 +592,14 @@ def schema_revision() -> Call[str | None]:
 # -- bulk import and export ---------------------------------------------------------------
 #
 # Rows travel as tuples in ``records`` column order (:data:`RECORD_COLUMNS`), u64 columns
-# already encoded, details as their stored text, ``reservation_token`` last. Statements for a
-# batch have a fixed number of rows, so each compiles once per dialect; their binds are
-# ``v0``, ``v1``, ... filled in order (:meth:`Driver.execute_flat`).
+# already encoded, details as their stored text, ``reservation_token`` last. Binds are named
+# ``v0``, ``v1``, ... and filled in order (:meth:`Driver.execute_flat`, ``executemany``); id
+# lists have a fixed length (padded), so every statement compiles once per dialect.
 
 #: ``records`` columns in table order: the layout of a row tuple.
 RECORD_COLUMNS: Final = tuple(R.c.keys())
-#: Rows per multi-row statement (25 binds a row: under SQLite's 32766 and PostgreSQL's 65535).
+#: Ids per ``IN (...)`` list of the batch look-ups and deletes.
 BULK_ROWS: Final = 500
-_FP_ROWS: Final = 1000
 
 
 def _row_values(n: int, first: int = 0) -> list[dict[str, Any]]:
@@ -663,7 +662,7 @@ def _build_records_delete_ids(dialect: Dialect) -> ClauseElement:
 
 def _binary_order(dialect: Dialect, column: sa.ColumnElement[str]) -> sa.ColumnElement[str]:
     # Byte order of the UTF-8 text, i.e. code point order, like Rust's and Python's str order.
-    return column.collate('"C"') if dialect.name == "postgresql" else column
+    return column.collate("C") if dialect.name == "postgresql" else column
 
 
 def _build_export(dialect: Dialect) -> ClauseElement:
@@ -710,23 +709,9 @@ def insert_rows(
     d: Driver, rows: Sequence[tuple[Any, ...]], fingerprints: Sequence[tuple[str, str]]
 ) -> None:
     """Insert whole record rows, then ``(record_id, fingerprint)`` pairs in first-seen order,
-    with multi-row ``INSERT`` statements of :data:`BULK_ROWS` rows (the rest one by one)."""
-    whole = len(rows) - len(rows) % BULK_ROWS
-    build = _bulk_insert_builder(BULK_ROWS)
-    name = f"bulk_insert_{BULK_ROWS}"
-    for i in range(0, whole, BULK_ROWS):
-        d.execute_flat(name, build, [v for row in rows[i : i + BULK_ROWS] for v in row])
-    one = _bulk_insert_builder(1)
-    for row in rows[whole:]:
-        d.execute_flat("bulk_insert_1", one, row)
-    whole = len(fingerprints) - len(fingerprints) % _FP_ROWS
-    build = _bulk_fingerprints_builder(_FP_ROWS)
-    name = f"bulk_fingerprints_{_FP_ROWS}"
-    for i in range(0, whole, _FP_ROWS):
-        d.execute_flat(name, build, [v for pair in fingerprints[i : i + _FP_ROWS] for v in pair])
-    one = _bulk_fingerprints_builder(1)
-    for pair in fingerprints[whole:]:
-        d.execute_flat("bulk_fingerprints_1", one, pair)
+    with the driver's ``executemany`` of a one-row ``INSERT``."""
+    d.executemany("bulk_insert", _bulk_insert_builder(1), rows)
+    d.executemany("bulk_fingerprints", _bulk_fingerprints_builder(1), fingerprints)
 
 
 def iter_records_in_id_order(d: Driver, page_size: int = 1000) -> Iterator[IdempotencyRecord]:
