@@ -123,9 +123,19 @@ _OUTCOME_KEYS: Final = jsonfile._OUTCOME_FIELD_SET
 _STATUSES: Final = frozenset(s.value for s in RecordStatus)
 _SOURCES: Final = frozenset(s.value for s in TenantSource)
 _LEGACY_TENANT: Final = ("local", "default", None, "system", TenantSource.EXPLICIT.value)
-_dump_details: Final = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-).encode
+# ops.dump_details without the Python layers of json.dumps: the C encoder, made once
+# (compact, keys sorted, not ASCII-escaped, no NaN; no circular check: values come from JSON).
+_c_encoder: Final = json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+    None, None, json.encoder.encode_basestring, None, ":", ",", True, False, False
+)
+
+
+def _dump_details(value: object) -> str:
+    if value is None:
+        return "null"
+    if type(value) is str:
+        return json.encoder.encode_basestring(value)
+    return "".join(_c_encoder(value, 0))
 
 
 class _Slow(Exception):
@@ -266,14 +276,30 @@ def _fingerprints(d: dict[str, Any]) -> tuple[str, ...]:
     return tuple(fps)
 
 
-def _record_id(org: str, ws: str, dep: str | None, op: str, key: str) -> str:
-    """:func:`idemstore.ids.idempotency_record_id`, with one hash update."""
-    parts = []
-    for part in (org, ws, dep or "", op, key):
+def _length_prefixed(parts: Sequence[str]) -> bytes:
+    out = []
+    for part in parts:
         data = part.encode("utf-8")
-        parts.append(len(data).to_bytes(8, "big"))
-        parts.append(data)
-    return "idem_" + hashlib.sha256(b"".join(parts)).hexdigest()
+        out.append(len(data).to_bytes(8, "big"))
+        out.append(data)
+    return b"".join(out)
+
+
+_prefix_hashes: dict[tuple[str, str, str | None, str], Any] = {}
+
+
+def _record_id(org: str, ws: str, dep: str | None, op: str, key: str) -> str:
+    """:func:`idemstore.ids.idempotency_record_id`; the hash state after tenant and operation
+    is kept per (tenant, operation), which repeat, so each record hashes only its key."""
+    prefix = _prefix_hashes.get((org, ws, dep, op))
+    if prefix is None:
+        prefix = hashlib.sha256(_length_prefixed((org, ws, dep or "", op)))
+        if len(_prefix_hashes) < 1024:
+            _prefix_hashes[(org, ws, dep, op)] = prefix
+    h = prefix.copy()
+    data = key.encode("utf-8")
+    h.update(len(data).to_bytes(8, "big") + data)
+    return "idem_" + h.hexdigest()
 
 
 class _Converter:

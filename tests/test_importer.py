@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from idemstore import IdempotencyStore, importer, jsonfile, ops
 from idemstore.errors import FileFormatError
-from idemstore.ids import idempotency_fingerprint, idempotency_record_id
+from idemstore.ids import idempotency_record_id
 from idemstore.jsonfile import read_records, record_to_json, write_records
 from idemstore.model import IdempotencyRecord, Outcome, RecordStatus, TenantContext
 from idemstore.schema import conflict_fingerprints as F
@@ -107,6 +107,18 @@ def test_fast_row_matches_precise_row() -> None:
             assert fps == record.conflict_fingerprints
             params = ops.record_params(record, 0)
             assert fast == tuple(params[f"p_{c}"] for c in ops.RECORD_COLUMNS[:-1])
+        t = record.tenant_context
+        assert importer._record_id(
+            t.org_id, t.workspace_id, t.deployment_id, record.operation, record.key
+        ) == idempotency_record_id(t, record.operation, record.key)
+
+
+@pytest.mark.parametrize(
+    "details",
+    [None, "s\u00e9\n", 1, -0.0, 1e-07, 2**64 - 1, [], {}, {"b": [1.5, None], "a": {"\u2603": 1}}],
+)
+def test_details_text_matches_the_store(details: Any) -> None:
+    assert importer._dump_details(details) == ops.dump_details(details)
 
 
 @pytest.mark.parametrize("bad", BAD_FILES, ids=[b.name for b in BAD_FILES])
@@ -417,45 +429,11 @@ def test_export_of_empty_database(transfer: Transfer, tmp_path: Path) -> None:
 # A real process killed mid-import, then a clean re-run
 
 
-def _fast_big_file(path: Path, n: int) -> None:
-    """``n`` valid records written from a template (much faster than the generator)."""
-    tenant = TenantContext.local_implicit()
-    fp = idempotency_fingerprint(["x"])
-    ids = []
-    for i in range(n):
-        ids.append((idempotency_record_id(tenant, "webhook.provider_event", f"evt:{i}"), i))
-    ids.sort()
-    with open(path, "w", encoding="utf-8") as out:
-        out.write('{\n  "schema_version": 1,\n  "records": {')
-        sep = "\n"
-        for record_id, i in ids:
-            out.write(
-                f'{sep}    "{record_id}": {{\n      "schema_version": 1,\n'
-                f'      "record_id": "{record_id}",\n'
-                '      "tenant_context": {\n        "org_id": "local",\n'
-                '        "workspace_id": "local",\n        "source": "local_implicit"\n      },\n'
-                '      "operation": "webhook.provider_event",\n'
-                f'      "key": "evt:{i}",\n      "owner": "automation_webhook:t",\n'
-                f'      "request_fingerprint": "{fp}",\n      "status": "completed",\n'
-                f'      "first_seen_at_ms": {1782900000000 + i},\n'
-                f'      "last_seen_at_ms": {1782900000042 + i},\n'
-                f'      "first_seen_event_id": "evt_{i}",\n'
-                '      "outcome": {\n        "outcome_kind": "accepted",\n'
-                f'        "completed_at_ms": {1782900000042 + i},\n'
-                '        "primary_ref_kind": "delivery",\n'
-                f'        "primary_ref_id": "delivery-{i:x}",\n'
-                '        "details": {\n          "dedupe_result": "accepted"\n        }\n'
-                '      },\n      "conflict_count": 0\n    }'
-            )
-            sep = ",\n"
-        out.write("\n  }\n}")
-
-
 @pytest.fixture(scope="session")
 def big_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     n = 60_000
     path = tmp_path_factory.mktemp("big") / "big.json"
-    _fast_big_file(path, n)
+    datagen.write_realistic_file(path, n)
     return path, n
 
 
