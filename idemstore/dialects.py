@@ -179,6 +179,37 @@ class Driver:
         finally:
             cursor.close()
 
+    def copy_rows(self, table: sa.Table, rows: Sequence[Sequence[Any]]) -> bool:
+        """PostgreSQL's ``COPY ... FROM STDIN`` of whole rows (all columns, table order):
+        psycopg's ``Cursor.copy``, asyncpg's ``copy_records_to_table``. False (nothing done)
+        where there is no COPY (SQLite): use :meth:`executemany` then."""
+        if self.dialect.name != "postgresql":
+            return False
+        if not rows:
+            return True
+        columns = [c.name for c in table.columns]
+        driver = self.dialect.driver
+        if driver == "psycopg":
+            preparer = self.dialect.identifier_preparer
+            names = ", ".join(preparer.quote(c) for c in columns)
+            cursor = self.dbapi.cursor()
+            try:
+                with cursor.copy(
+                    f"COPY {preparer.format_table(table)} ({names}) FROM STDIN"
+                ) as copy:
+                    for row in rows:
+                        copy.write_row(row)
+            finally:
+                cursor.close()
+            return True
+        if driver == "asyncpg":
+            from sqlalchemy.util import await_only
+
+            raw = self.dbapi._connection  # the asyncpg Connection behind SQLAlchemy's adapter
+            await_only(raw.copy_records_to_table(table.name, records=rows, columns=columns))
+            return True
+        return False
+
     def stream(
         self,
         name: str,

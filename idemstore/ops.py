@@ -708,9 +708,11 @@ def delete_records(d: Driver, ids: Sequence[str]) -> None:
 def insert_rows(
     d: Driver, rows: Sequence[tuple[Any, ...]], fingerprints: Sequence[tuple[str, str]]
 ) -> None:
-    """Insert whole record rows, then ``(record_id, fingerprint)`` pairs in first-seen order,
-    with the driver's ``executemany`` of a one-row ``INSERT``."""
-    d.executemany("bulk_insert", _bulk_insert_builder(1), rows)
+    """Insert whole record rows, then ``(record_id, fingerprint)`` pairs in first-seen order:
+    ``COPY`` on PostgreSQL, the driver's ``executemany`` of a one-row ``INSERT`` otherwise
+    (fingerprints always, so their identity column numbers them in order)."""
+    if not d.copy_rows(R, rows):
+        d.executemany("bulk_insert", _bulk_insert_builder(1), rows)
     d.executemany("bulk_fingerprints", _bulk_fingerprints_builder(1), fingerprints)
 
 
