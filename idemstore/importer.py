@@ -39,7 +39,7 @@ import sqlalchemy as sa
 from . import jsonfile, ops
 from .dialects import Driver
 from .errors import FileFormatError, IdemstoreError
-from .model import U64_MAX, IdempotencyRecord, RecordStatus, TenantSource
+from .model import U64_MAX, RecordStatus, TenantSource
 from .store import IdempotencyStore
 
 if TYPE_CHECKING:
@@ -503,11 +503,6 @@ def export_file(store: IdempotencyStore | sa.Engine, path: str | os.PathLike[str
 async def export_file_async(store: AsyncIdempotencyStore, path: str | os.PathLike[str]) -> int:
     """:func:`export_file` for the async store, in one hop."""
     return await store.run(export_call(path))
-
-
-def records_of(store: IdempotencyStore) -> list[IdempotencyRecord]:
-    """Every record in id order (small databases, tests)."""
-    return store.run(ops.Call("read", lambda d: list(ops.iter_records_in_id_order(d))))
 
 
 # --------------------------------------------------------------------------------------------

@@ -363,6 +363,12 @@ def test_recomputed_id_mismatch(transfer: Transfer, tmp_path: Path) -> None:
         transfer.import_(path, strict=True)
 
 
+def test_missing_file_is_refused_clearly(transfer: Transfer, tmp_path: Path) -> None:
+    with pytest.raises(FileFormatError, match="cannot read the file") as caught:
+        transfer.import_(tmp_path / "nope.json")
+    assert caught.value.path == str(tmp_path / "nope.json")
+
+
 def test_duplicate_fingerprints_refused(transfer: Transfer, tmp_path: Path) -> None:
     record = datagen.generate_records(1, seed=1)[0]
     value = record_to_json(record)
