@@ -78,8 +78,6 @@ _RUST_WS: Final = frozenset(
 _WS_RE: Final = re.compile(r"[ \t\n\r]*")
 # `, "key": ` where the key has no escapes (the common case of the member loop)
 _NEXT_KEY_RE: Final = re.compile(r'[ \t\n\r]*,[ \t\n\r]*"([^"\\\x00-\x1f]*)"[ \t\n\r]*:[ \t\n\r]*')
-# what can end an object key: its closing quote, optional whitespace, then the colon
-_KEY_END_RE: Final = re.compile(r'"[ \t\n\r]*:')
 _NUMBER_RE: Final = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
 _LEGACY_TENANT: Final = TenantContext.explicit_user_workspace("local", "default", None, "system")
 _STATUS: Final = {s.value: s for s in RecordStatus}
@@ -216,9 +214,11 @@ _SCAN: Final[_Scanner] = json.JSONDecoder(  # type: ignore[attr-defined]
 _PLAIN_SCAN: Final[_Scanner] = json.JSONDecoder(  # type: ignore[attr-defined]
     parse_constant=_reject_constant
 ).scan_once
-# A second plain scanner: Source.value() lets _NonFinite through for any scanner but this one.
-_FAST_SCAN: Final[_Scanner] = json.JSONDecoder(  # type: ignore[attr-defined]
-    parse_constant=_reject_constant
+# The bulk path's scanner: objects come out as tuples of (key, value) pairs (the hook is the C
+# type ``tuple``: no Python call per object), which _objects() turns into dicts, finding
+# duplicate keys on the way.
+_PAIRS_SCAN: Final[_Scanner] = json.JSONDecoder(  # type: ignore[attr-defined]
+    object_pairs_hook=tuple, parse_constant=_reject_constant
 ).scan_once
 _c_scanstring: Final[Callable[[str, int], tuple[str, int]]] = json.decoder.scanstring  # type: ignore[attr-defined]
 
@@ -240,21 +240,28 @@ def _describe(value: object) -> str:
     return "map"
 
 
-def _object_keys(value: object) -> int:
-    """How many object keys a decoded value holds, nested ones included."""
-    n = 0
-    if type(value) is dict:
-        n = len(value)
-        for item in value.values():
-            t = type(item)
-            if t is dict or t is list:
-                n += _object_keys(item)
-    elif type(value) is list:
-        for item in value:
-            t = type(item)
-            if t is dict or t is list:
-                n += _object_keys(item)
-    return n
+def _objects(pairs: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    """A value scanned by ``_PAIRS_SCAN`` (an object: a tuple of pairs) as plain dicts and
+    lists; :class:`_DuplicateKey` if an object repeats a key."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise _DuplicateKey
+    for key, item in d.items():
+        t = type(item)
+        if t is tuple:
+            d[key] = _objects(item)
+        elif t is list and item:
+            _array_objects(item)
+    return d
+
+
+def _array_objects(items: list[Any]) -> None:
+    for i, item in enumerate(items):
+        t = type(item)
+        if t is tuple:
+            items[i] = _objects(item)
+        elif t is list and item:
+            _array_objects(item)
 
 
 def _join(path: str, name: str) -> str:
@@ -1070,18 +1077,17 @@ class RecordReader:
             seen_ids.add(map_key)
             abs_start = src.base + src.pos
             try:
-                value = src.value(_FAST_SCAN)
+                value = src.value(_PAIRS_SCAN)
             except _NonFinite:
                 raise self._explain(src, map_key, None) from None
             buf, start, end = src.buf, abs_start - src.base, src.pos
-            # Duplicate keys, without a Python hook per object: every key ends with `"`, optional
-            # whitespace and `:`, and a string can only add to that count, so when it equals the
-            # number of keys decoded no key was merged away. Otherwise ask the precise scanner.
-            if _object_keys(value) != len(_KEY_END_RE.findall(buf, start, end)):
-                try:
-                    _SCAN(buf, start)
-                except (_DuplicateKey, _NonFinite):
-                    raise self._explain(src, map_key, None, start=start) from None
+            try:
+                if type(value) is tuple:
+                    value = _objects(value)
+                elif type(value) is list and value:
+                    _array_objects(value)
+            except _DuplicateKey:
+                raise self._explain(src, map_key, None, start=start) from None
             if buf.find("\\u", start, end) != -1 or not map_key.isascii():
                 if _find_surrogate(map_key, "") is not None:
                     raise src.error(

@@ -363,6 +363,19 @@ def test_recomputed_id_mismatch(transfer: Transfer, tmp_path: Path) -> None:
         transfer.import_(path, strict=True)
 
 
+def test_duplicate_key_nested_in_an_array_is_refused(transfer: Transfer, tmp_path: Path) -> None:
+    record = datagen.generate_records(1, seed=1)[0]
+    value = record_to_json(record)
+    value["outcome"] = {"outcome_kind": "x", "completed_at_ms": 1, "details": [[{}], {"b": 1}]}
+    text = json.dumps({record.record_id: value}, indent=2)
+    path = tmp_path / "dup.json"
+    path.write_text(text.replace('"b": 1', '"b": 1,\n"b": 2', 1))
+    with pytest.raises(FileFormatError, match="duplicate field `b`") as caught:
+        transfer.import_(path)
+    assert caught.value.field == "outcome.details[1].b"
+    assert transfer.dump() == ([], [])
+
+
 def test_missing_file_is_refused_clearly(transfer: Transfer, tmp_path: Path) -> None:
     with pytest.raises(FileFormatError, match="cannot read the file") as caught:
         transfer.import_(tmp_path / "nope.json")
