@@ -562,3 +562,19 @@ def test_cli_import_table_json_and_exit_codes(tmp_path: Path) -> None:
     assert strict.returncode == 2 and "id mismatch" in strict.stderr
     loose = _run("--database-url", url, "import", str(strict_path))
     assert loose.returncode == 0 and "id mismatch: map key idem_000" in loose.stdout
+
+
+def test_import_inside_a_callers_transaction(database: Database) -> None:
+    store = database.sync_store()
+    try:
+        engine = store.engine
+        with engine.connect() as conn:
+            report = importer.import_file(store, DATA / "sample_versioned.json", connection=conn)
+            assert report.inserted == 8
+            conn.rollback()
+        assert store.stats().total == 0
+        with engine.begin() as conn:
+            importer.import_file(store, DATA / "sample_versioned.json", connection=conn)
+        assert store.stats().total == 8
+    finally:
+        store.close()
