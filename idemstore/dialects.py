@@ -8,6 +8,7 @@ per-execute bookkeeping (about four fifths of the cost of a reservation on SQLit
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -245,7 +246,10 @@ class Driver:
                         return
                     yield list(rows)
             finally:
-                cursor.execute("CLOSE idemstore_stream")
+                # Gone with the transaction anyway; an aborted one refuses even CLOSE, and
+                # that must not hide the error that aborted it.
+                with contextlib.suppress(Exception):
+                    cursor.execute("CLOSE idemstore_stream")
         finally:
             cursor.close()
 
