@@ -11,6 +11,13 @@ from .errors import (
     SchemaNotReadyError,
 )
 from .ids import idempotency_fingerprint, idempotency_record_id
+from .importer import (
+    ImportReport,
+    export_file,
+    export_file_async,
+    import_file,
+    import_file_async,
+)
 from .model import (
     Conflict,
     Duplicate,
@@ -36,6 +43,7 @@ __all__ = [
     "IdempotencyRecord",
     "IdempotencyStore",
     "IdemstoreError",
+    "ImportReport",
     "InvalidInputError",
     "LockTimeoutError",
     "Outcome",
@@ -48,6 +56,10 @@ __all__ = [
     "TenantSource",
     "create_async_engine",
     "create_engine",
+    "export_file",
+    "export_file_async",
     "idempotency_fingerprint",
     "idempotency_record_id",
+    "import_file",
+    "import_file_async",
 ]

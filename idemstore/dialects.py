@@ -8,9 +8,10 @@ per-execute bookkeeping (about four fifths of the cost of a reservation on SQLit
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -78,6 +79,31 @@ def compile_statement(name: str, build: StatementBuilder, dialect: Dialect) -> C
     return found
 
 
+def flat_names(n: int) -> tuple[str, ...]:
+    """``("v0", ..., "v<n-1>")``: the bind names :meth:`Driver.execute_flat` fills in order."""
+    names = _flat_name_cache.get(n)
+    if names is None:
+        names = _flat_name_cache[n] = tuple(f"v{i}" for i in range(n))
+    return names
+
+
+_flat_name_cache: dict[int, tuple[str, ...]] = {}
+_flat_orders: dict[str, tuple[int, ...] | None] = {}
+
+
+def _flat_order(stmt: CompiledStatement) -> tuple[int, ...] | None:
+    """Positions of ``v<i>`` binds in the compiled SQL; None when already in order."""
+    try:
+        return _flat_orders[stmt.sql]
+    except KeyError:
+        pass
+    assert stmt.positional is not None and not stmt.constants
+    order = tuple(int(p[1:]) for p in stmt.positional)
+    found = None if order == tuple(range(len(order))) else order
+    _flat_orders[stmt.sql] = found
+    return found
+
+
 def is_sqlite(dialect: Dialect) -> bool:
     return dialect.name == "sqlite"
 
@@ -112,6 +138,118 @@ class Driver:
         try:
             cursor.execute(stmt.sql, bound)
             return list(cursor.fetchall()) if cursor.description is not None else []
+        finally:
+            cursor.close()
+
+    def execute_flat(self, name: str, build: StatementBuilder, values: Sequence[Any]) -> list[Row]:
+        """Run a statement whose binds are named ``v0``, ``v1``, ... (a multi-row ``VALUES`` or
+        ``IN`` list) with ``values`` in that order: no dict per row on positional drivers."""
+        stmt = compile_statement(name, build, self.dialect)
+        bound: Any
+        if stmt.positional is not None:
+            order = _flat_order(stmt)
+            bound = values if order is None else [values[i] for i in order]
+        else:
+            bound = dict(zip(flat_names(len(values)), values, strict=True))
+        cursor = self.dbapi.cursor()
+        try:
+            cursor.execute(stmt.sql, bound)
+            return list(cursor.fetchall()) if cursor.description is not None else []
+        finally:
+            cursor.close()
+
+    def executemany(
+        self, name: str, build: StatementBuilder, rows: Sequence[Sequence[Any]]
+    ) -> None:
+        """Run a one-row statement whose binds are ``v0``, ``v1``, ... once per row of ``rows``
+        (the driver's own batching: SQLite's prepared-statement loop in C, psycopg's pipeline,
+        asyncpg's ``executemany``)."""
+        if not rows:
+            return
+        stmt = compile_statement(name, build, self.dialect)
+        bound: Any
+        if stmt.positional is not None:
+            order = _flat_order(stmt)
+            bound = rows if order is None else [[row[i] for i in order] for row in rows]
+        else:
+            names = flat_names(len(rows[0]))
+            bound = [dict(zip(names, row, strict=True)) for row in rows]
+        cursor = self.dbapi.cursor()
+        try:
+            cursor.executemany(stmt.sql, bound)
+        finally:
+            cursor.close()
+
+    def copy_rows(self, table: sa.Table, rows: Sequence[Sequence[Any]]) -> bool:
+        """PostgreSQL's ``COPY ... FROM STDIN`` of whole rows (all columns, table order):
+        psycopg's ``Cursor.copy``, asyncpg's ``copy_records_to_table``. False (nothing done)
+        where there is no COPY (SQLite): use :meth:`executemany` then."""
+        if self.dialect.name != "postgresql":
+            return False
+        if not rows:
+            return True
+        columns = [c.name for c in table.columns]
+        driver = self.dialect.driver
+        if driver == "psycopg":
+            preparer = self.dialect.identifier_preparer
+            names = ", ".join(preparer.quote(c) for c in columns)
+            cursor = self.dbapi.cursor()
+            try:
+                with cursor.copy(
+                    f"COPY {preparer.format_table(table)} ({names}) FROM STDIN"
+                ) as copy:
+                    for row in rows:
+                        copy.write_row(row)
+            finally:
+                cursor.close()
+            return True
+        if driver == "asyncpg":
+            from sqlalchemy.util import await_only
+
+            raw = self.dbapi._connection  # the asyncpg Connection behind SQLAlchemy's adapter
+            await_only(raw.copy_records_to_table(table.name, records=rows, columns=columns))
+            return True
+        return False
+
+    def stream(
+        self,
+        name: str,
+        build: StatementBuilder,
+        params: Mapping[str, Any] | None = None,
+        *,
+        size: int = 1000,
+    ) -> Iterator[list[Row]]:
+        """Rows of a (big) query in lists of at most ``size``, without holding them all:
+        SQLite steps its cursor; PostgreSQL reads through a server-side cursor (``DECLARE``
+        / ``FETCH``), which needs a transaction: the caller's or idemstore's own."""
+        stmt = compile_statement(name, build, self.dialect)
+        if stmt.constants:
+            params = {**stmt.constants, **(params or {})}
+        bound: Any
+        if stmt.positional is not None:
+            bound = tuple(params[p] for p in stmt.positional) if params else ()
+        else:
+            bound = params or {}
+        cursor = self.dbapi.cursor()
+        try:
+            if self._sqlite:
+                cursor.execute(stmt.sql, bound)
+                while rows := cursor.fetchmany(size):
+                    yield list(rows)
+                return
+            cursor.execute(f"DECLARE idemstore_stream NO SCROLL CURSOR FOR {stmt.sql}", bound)
+            try:
+                while True:
+                    cursor.execute(f"FETCH FORWARD {int(size)} FROM idemstore_stream")
+                    rows = cursor.fetchall()
+                    if not rows:
+                        return
+                    yield list(rows)
+            finally:
+                # Gone with the transaction anyway; an aborted one refuses even CLOSE, and
+                # that must not hide the error that aborted it.
+                with contextlib.suppress(Exception):
+                    cursor.execute("CLOSE idemstore_stream")
         finally:
             cursor.close()
 

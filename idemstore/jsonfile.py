@@ -32,7 +32,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Literal, TextIO, cast
+from typing import Any, Final, Literal, TextIO, TypeVar, cast
 
 from .errors import FileFormatError, InvalidInputError
 from .model import (
@@ -50,12 +50,15 @@ __all__ = [
     "SUPPORTED_SCHEMA_VERSION",
     "FileHeader",
     "FileRecord",
+    "RecordProblem",
     "RecordReader",
     "dumps_records",
     "open_records",
     "read_records",
     "record_from_json",
     "record_to_json",
+    "unknown_fields",
+    "validate_value",
     "write_records",
 ]
 
@@ -73,6 +76,8 @@ _RUST_WS: Final = frozenset(
     "\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
 )
 _WS_RE: Final = re.compile(r"[ \t\n\r]*")
+# `, "key": ` where the key has no escapes (the common case of the member loop)
+_NEXT_KEY_RE: Final = re.compile(r'[ \t\n\r]*,[ \t\n\r]*"([^"\\\x00-\x1f]*)"[ \t\n\r]*:[ \t\n\r]*')
 _NUMBER_RE: Final = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
 _LEGACY_TENANT: Final = TenantContext.explicit_user_workspace("local", "default", None, "system")
 _STATUS: Final = {s.value: s for s in RecordStatus}
@@ -156,6 +161,22 @@ class _FieldError(Exception):
         self.container = container
 
 
+#: Raised by a ``convert`` function given to :meth:`RecordReader.convert_each` to refuse a
+#: record: ``RecordProblem(message, field)`` (``field`` a dotted path inside the record).
+RecordProblem = _FieldError
+
+
+def validate_value(value: object) -> tuple[IdempotencyRecord, tuple[str, ...]]:
+    """Validate one decoded record value exactly like the reader (serde's rules and messages):
+    the record and its unknown fields, or :class:`RecordProblem`."""
+    return _convert(value, {})
+
+
+def unknown_fields(value: dict[str, Any]) -> tuple[str, ...]:
+    """Dotted paths of the fields of a decoded record that serde would ignore, sorted."""
+    return _unknown_fields(value)
+
+
 class _SyntaxProblem(Exception):
     def __init__(self, message: str, field: str, pos: int) -> None:
         super().__init__(message)
@@ -184,12 +205,20 @@ def _reject_constant(name: str) -> Any:
 
 
 _Scanner = Callable[[str, int], tuple[Any, int]]
+T = TypeVar("T")
+_RecordsFn = Callable[["_Source", set[str], str], Iterator[T]]
 # scan_once is the C scanner behind raw_decode (not in typeshed): value, end = scan(text, idx)
 _SCAN: Final[_Scanner] = json.JSONDecoder(  # type: ignore[attr-defined]
     object_pairs_hook=_pairs_hook, parse_constant=_reject_constant
 ).scan_once
 _PLAIN_SCAN: Final[_Scanner] = json.JSONDecoder(  # type: ignore[attr-defined]
     parse_constant=_reject_constant
+).scan_once
+# The bulk path's scanner: objects come out as tuples of (key, value) pairs (the hook is the C
+# type ``tuple``: no Python call per object), which _objects() turns into dicts, finding
+# duplicate keys on the way.
+_PAIRS_SCAN: Final[_Scanner] = json.JSONDecoder(  # type: ignore[attr-defined]
+    object_pairs_hook=tuple, parse_constant=_reject_constant
 ).scan_once
 _c_scanstring: Final[Callable[[str, int], tuple[str, int]]] = json.decoder.scanstring  # type: ignore[attr-defined]
 
@@ -209,6 +238,30 @@ def _describe(value: object) -> str:
     if isinstance(value, list):
         return "sequence"
     return "map"
+
+
+def _objects(pairs: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    """A value scanned by ``_PAIRS_SCAN`` (an object: a tuple of pairs) as plain dicts and
+    lists; :class:`_DuplicateKey` if an object repeats a key."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise _DuplicateKey
+    for key, item in d.items():
+        t = type(item)
+        if t is tuple:
+            d[key] = _objects(item)
+        elif t is list and item:
+            _array_objects(item)
+    return d
+
+
+def _array_objects(items: list[Any]) -> None:
+    for i, item in enumerate(items):
+        t = type(item)
+        if t is tuple:
+            items[i] = _objects(item)
+        elif t is list and item:
+            _array_objects(item)
 
 
 def _join(path: str, name: str) -> str:
@@ -550,6 +603,10 @@ class _Source:
     def close(self) -> None:
         self._file.close()
 
+    @property
+    def bytes_read(self) -> int:
+        return 0 if self._file.closed else self._file.tell()
+
     def error(self, message: str, *, at: int | None = None, **kw: Any) -> FileFormatError:
         """An error at absolute char offset ``at`` (default: the cursor)."""
         line = self.line_at(self.base + self.pos if at is None else at)
@@ -698,6 +755,15 @@ def _members(src: _Source, what: str, *, after_value: bool) -> Iterator[tuple[st
     first = not after_value
     while True:
         if not first:
+            # Fast path: `, "plain key": ` all in the buffer, in one C-level regex match.
+            m = _NEXT_KEY_RE.match(src.buf, src.pos)
+            if m is not None and m.end() < len(src.buf):
+                key_pos = src.base + m.start(1) - 1
+                src.keep_from = key_pos
+                src.pos = m.end()
+                yield m.group(1), key_pos
+                c = src.peek()
+                continue
             if c == "}":
                 src.pos += 1
                 return
@@ -810,6 +876,11 @@ class RecordReader:
         file whose first key is ``schema_version`` are only known once iteration has ended."""
         return FileHeader(self._form, self._version, tuple(self._top_unknown))
 
+    @property
+    def bytes_read(self) -> int:
+        """How far into the file reading has got, in bytes (for progress reports)."""
+        return self._src.bytes_read
+
     def _open(self) -> None:
         src = self._src
         c = src.peek()
@@ -902,14 +973,37 @@ class RecordReader:
         self._started = True
         return self._iterate()
 
-    def _iterate(self) -> Iterator[FileRecord]:
+    def convert_each(self, convert: Callable[[str, Any], T]) -> Iterator[T]:
+        """Iterate (once, instead of ``iter(reader)``) yielding ``convert(map_key, value)``.
+
+        The fast path for bulk work: ``value`` is the record as decoded by the C scanner (a
+        plain ``dict`` when valid), checked here for duplicate keys, non-finite numbers and
+        lone surrogates. ``convert`` validates it and raises :class:`RecordProblem` (see
+        :func:`validate_value` for serde's exact message) when the record is refused; the
+        reader turns that into a :class:`FileFormatError` with the field and line.
+        """
+        if self._started:
+            raise RuntimeError("a RecordReader can be iterated only once")
+        self._started = True
+
+        def records(src: _Source, seen_ids: set[str], what: str) -> Iterator[T]:
+            return self._converted(convert, src, seen_ids, what)
+
+        return self._iterate(records)
+
+    def _iterate(self, records: _RecordsFn[T] | None = None) -> Iterator[Any]:
+        if records is None:
+
+            def records(src: _Source, seen_ids: set[str], what: str) -> Iterator[Any]:
+                return self._records(src, seen_ids, what, after=False)
+
         try:
             if self._form == "empty":
                 return
             src = self._src
             seen_ids: set[str] = set()
             if self._form == "legacy":
-                yield from self._records(src, seen_ids, "the top-level object", after=False)
+                yield from records(src, seen_ids, "the top-level object")
                 self._check_trailing()
                 return
             for key, key_pos in _members(
@@ -928,7 +1022,7 @@ class RecordReader:
                             f"invalid type: {_describe(v)}, expected a map", field="records"
                         )
                     src.pos += 1
-                    yield from self._records(src, seen_ids, "records", after=False)
+                    yield from records(src, seen_ids, "records")
                 else:
                     if not self._prescanned:
                         self._top_unknown.append(key)
@@ -971,6 +1065,43 @@ class RecordReader:
                     problem = _FieldError("lone surrogate in string escape", bad)
                     raise self._explain(src, map_key, problem, start=start, line=line)
             yield FileRecord(map_key, record, line, unknown)
+
+    def _converted(
+        self, convert: Callable[[str, Any], T], src: _Source, seen_ids: set[str], what: str
+    ) -> Iterator[T]:
+        for map_key, key_pos in _members(src, what, after_value=False):
+            if map_key in seen_ids:
+                raise src.error(
+                    f"duplicate record id {map_key!r} in {what}", at=key_pos, record_id=map_key
+                )
+            seen_ids.add(map_key)
+            abs_start = src.base + src.pos
+            try:
+                value = src.value(_PAIRS_SCAN)
+            except _NonFinite:
+                raise self._explain(src, map_key, None) from None
+            buf, start, end = src.buf, abs_start - src.base, src.pos
+            try:
+                if type(value) is tuple:
+                    value = _objects(value)
+                elif type(value) is list and value:
+                    _array_objects(value)
+            except _DuplicateKey:
+                raise self._explain(src, map_key, None, start=start) from None
+            if buf.find("\\u", start, end) != -1 or not map_key.isascii():
+                if _find_surrogate(map_key, "") is not None:
+                    raise src.error(
+                        "lone surrogate in string escape", at=key_pos, record_id=map_key
+                    )
+                bad = _find_surrogate(value, "")
+                if bad is not None:
+                    problem = _FieldError("lone surrogate in string escape", bad)
+                    raise self._explain(src, map_key, problem, start=start)
+            try:
+                converted = convert(map_key, value)
+            except _FieldError as exc:
+                raise self._explain(src, map_key, exc, start=start) from None
+            yield converted
 
     def _explain(
         self,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Generic, Literal, TypeVar
 
@@ -620,13 +620,160 @@ def schema_revision() -> Call[str | None]:
     return Call("read", run)
 
 
+# -- bulk import and export ---------------------------------------------------------------
+#
+# Rows travel as tuples in ``records`` column order (:data:`RECORD_COLUMNS`), u64 columns
+# already encoded, details as their stored text, ``reservation_token`` last. Binds are named
+# ``v0``, ``v1``, ... and filled in order (:meth:`Driver.execute_flat`, ``executemany``); id
+# lists have a fixed length (padded), so every statement compiles once per dialect.
+
+#: ``records`` columns in table order: the layout of a row tuple.
+RECORD_COLUMNS: Final = tuple(R.c.keys())
+#: Ids per ``IN (...)`` list of the batch look-ups and deletes.
+BULK_ROWS: Final = 500
+
+
+def _row_values(n: int, first: int = 0) -> list[dict[str, Any]]:
+    width = len(RECORD_COLUMNS)
+    rows = []
+    for i in range(n):
+        row: dict[str, Any] = {}
+        for j, name in enumerate(RECORD_COLUMNS):
+            bind: sa.BindParameter[Any] = sa.bindparam(f"v{first + i * width + j}")
+            if name == "outcome_details":
+                bind = sa.bindparam(bind.key, type_=sa.Text())
+                row[name] = sa.cast(bind, R.c.outcome_details.type)
+            else:
+                row[name] = bind
+        rows.append(row)
+    return rows
+
+
+def _bulk_insert_builder(n: int) -> Callable[[Dialect], ClauseElement]:
+    def build(dialect: Dialect) -> ClauseElement:
+        return insert_for(dialect)(R).values(_row_values(n))
+
+    return build
+
+
+def _bulk_fingerprints_builder(n: int) -> Callable[[Dialect], ClauseElement]:
+    def build(dialect: Dialect) -> ClauseElement:
+        values: list[dict[str, Any]] = [
+            {"record_id": sa.bindparam(f"v{2 * i}"), "fingerprint": sa.bindparam(f"v{2 * i + 1}")}
+            for i in range(n)
+        ]
+        return insert_for(dialect)(F).values(values)
+
+    return build
+
+
+def _ids(n: int) -> list[sa.BindParameter[Any]]:
+    return [sa.bindparam(f"v{i}", type_=sa.String()) for i in range(n)]
+
+
+def _build_records_by_ids(dialect: Dialect) -> ClauseElement:
+    return sa.select(*_returning()).where(R.c.record_id.in_(_ids(BULK_ROWS)))
+
+
+def _build_fingerprints_by_ids(dialect: Dialect) -> ClauseElement:
+    return (
+        sa.select(F.c.record_id, F.c.fingerprint)
+        .where(F.c.record_id.in_(_ids(BULK_ROWS)))
+        .order_by(F.c.id)
+    )
+
+
+def _build_fingerprints_delete_ids(dialect: Dialect) -> ClauseElement:
+    return sa.delete(F).where(F.c.record_id.in_(_ids(BULK_ROWS)))
+
+
+def _build_records_delete_ids(dialect: Dialect) -> ClauseElement:
+    return sa.delete(R).where(R.c.record_id.in_(_ids(BULK_ROWS)))
+
+
+def _binary_order(dialect: Dialect, column: sa.ColumnElement[str]) -> sa.ColumnElement[str]:
+    # Byte order of the UTF-8 text, i.e. code point order, like Rust's and Python's str order.
+    return column.collate("C") if dialect.name == "postgresql" else column
+
+
+def _build_export(dialect: Dialect) -> ClauseElement:
+    return sa.select(*_returning()).order_by(_binary_order(dialect, R.c.record_id))
+
+
+def _id_chunks(ids: Sequence[str]) -> list[list[str]]:
+    """``ids`` in lists of exactly :data:`BULK_ROWS`, the last padded with its first id."""
+    chunks = []
+    for i in range(0, len(ids), BULK_ROWS):
+        chunk = list(ids[i : i + BULK_ROWS])
+        chunk.extend([chunk[0]] * (BULK_ROWS - len(chunk)))
+        chunks.append(chunk)
+    return chunks
+
+
+def fetch_existing(
+    d: Driver, ids: Sequence[str]
+) -> dict[str, tuple[tuple[Any, ...], tuple[str, ...]]]:
+    """Rows (as tuples, token last) and conflict fingerprints of those of ``ids`` that exist."""
+    found: dict[str, tuple[Any, ...]] = {}
+    for chunk in _id_chunks(ids):
+        for row in d.execute_flat("records_by_ids", _build_records_by_ids, chunk):
+            found[row[0]] = tuple(row)
+    if not found:
+        return {}
+    fingerprints: dict[str, list[str]] = {}
+    for chunk in _id_chunks(list(found)):
+        for record_id, fingerprint in d.execute_flat(
+            "fingerprints_by_ids", _build_fingerprints_by_ids, chunk
+        ):
+            fingerprints.setdefault(record_id, []).append(fingerprint)
+    return {k: (row, tuple(fingerprints.get(k, ()))) for k, row in found.items()}
+
+
+def delete_records(d: Driver, ids: Sequence[str]) -> None:
+    """Delete the records (and their conflict fingerprints) with these ids."""
+    for chunk in _id_chunks(ids):
+        d.execute_flat("fingerprints_delete_ids", _build_fingerprints_delete_ids, chunk)
+        d.execute_flat("records_delete_ids", _build_records_delete_ids, chunk)
+
+
+def insert_rows(
+    d: Driver, rows: Sequence[tuple[Any, ...]], fingerprints: Sequence[tuple[str, str]]
+) -> None:
+    """Insert whole record rows, then ``(record_id, fingerprint)`` pairs in first-seen order:
+    ``COPY`` on PostgreSQL, the driver's ``executemany`` of a one-row ``INSERT`` otherwise
+    (fingerprints always, so their identity column numbers them in order)."""
+    if not d.copy_rows(R, rows):
+        d.executemany("bulk_insert", _bulk_insert_builder(1), rows)
+    d.executemany("bulk_fingerprints", _bulk_fingerprints_builder(1), fingerprints)
+
+
+def iter_records_in_id_order(d: Driver, page_size: int = 1000) -> Iterator[IdempotencyRecord]:
+    """Every record, in binary ``record_id`` order, streamed ``page_size`` rows at a time."""
+    for page in d.stream("export", _build_export, size=page_size):
+        fingerprints: dict[str, list[str]] = {}
+        ids = [row[0] for row in page]
+        for chunk in _id_chunks(ids):
+            for record_id, fingerprint in d.execute_flat(
+                "fingerprints_by_ids", _build_fingerprints_by_ids, chunk
+            ):
+                fingerprints.setdefault(record_id, []).append(fingerprint)
+        for row in page:
+            yield record_from_row(row, fingerprints.get(row[0], ()))
+
+
 __all__ = [
+    "BULK_ROWS",
     "DEFAULT_PURGE_BATCH",
+    "RECORD_COLUMNS",
     "Call",
     "Stats",
     "complete",
+    "delete_records",
     "dump_details",
+    "fetch_existing",
     "get",
+    "insert_rows",
+    "iter_records_in_id_order",
     "now_ms",
     "purge_expired",
     "record_from_row",

@@ -231,6 +231,60 @@ def write_versioned_file(path: str | os.PathLike[str], records: Iterable[Idempot
     return write_records(path, records)
 
 
+def write_realistic_file(path: str | os.PathLike[str], n: int) -> int:
+    """``n`` records shaped like the FORMAT.md example (what the webhook callers write), as
+    ``write_records`` would write them, from a text template: fast enough for big files."""
+    tenant = TenantContext.local_implicit()
+    operation = "webhook.provider_event"
+    trigger = "whtr_0123456789abcdef0123456789abcdef"
+    entries = []
+    for i in range(n):
+        key = f"trigger:{trigger}:provider_event:evt_{i}"
+        entries.append((idempotency_record_id(tenant, operation, key), i))
+    entries.sort()
+    with open(path, "w", encoding="utf-8", newline="\n") as out:
+        out.write('{\n  "schema_version": 1,\n  "records": {')
+        sep = "\n"
+        for record_id, i in entries:
+            fingerprint = idempotency_fingerprint([operation, str(i)])
+            first = BASE_MS + i * 7
+            out.write(
+                f'{sep}    "{record_id}": {{\n'
+                '      "schema_version": 1,\n'
+                f'      "record_id": "{record_id}",\n'
+                '      "tenant_context": {\n'
+                '        "org_id": "local",\n'
+                '        "workspace_id": "local",\n'
+                '        "source": "local_implicit"\n'
+                "      },\n"
+                f'      "operation": "{operation}",\n'
+                f'      "key": "trigger:{trigger}:provider_event:evt_{i}",\n'
+                f'      "owner": "automation_webhook:{trigger}",\n'
+                f'      "request_fingerprint": "{fingerprint}",\n'
+                '      "status": "completed",\n'
+                f'      "first_seen_at_ms": {first},\n'
+                f'      "last_seen_at_ms": {first + 42},\n'
+                f'      "first_seen_event_id": "evt_{i}",\n'
+                '      "outcome": {\n'
+                '        "outcome_kind": "accepted",\n'
+                f'        "completed_at_ms": {first + 42},\n'
+                '        "primary_ref_kind": "delivery",\n'
+                f'        "primary_ref_id": "delivery-{i:x}",\n'
+                '        "secondary_ref_kind": "run",\n'
+                f'        "secondary_ref_id": "run-{i:x}",\n'
+                '        "details": {\n'
+                '          "dedupe_reason_code": "accepted_provider_event_id",\n'
+                '          "dedupe_result": "accepted"\n'
+                "        }\n"
+                "      },\n"
+                '      "conflict_count": 0\n'
+                "    }"
+            )
+            sep = ",\n"
+        out.write("\n  }\n}" if n else "}\n}")
+    return n
+
+
 SAMPLE_FILES = {
     "sample_versioned.json": write_versioned_file,
     "sample_legacy.json": write_legacy_file,
@@ -252,7 +306,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("path", nargs="?")
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--form", choices=("versioned", "legacy"), default="versioned")
+    parser.add_argument(
+        "--form",
+        choices=("versioned", "legacy", "realistic"),
+        default="versioned",
+        help="realistic: FORMAT.md-shaped records from a template (fast, for big files)",
+    )
     parser.add_argument("--samples", metavar="DIR", help="regenerate the sample fixtures")
     args = parser.parse_args(argv)
     if args.samples:
@@ -262,7 +321,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("path is required")
     started = time.perf_counter()
     records = iter_records(args.count, args.seed)
-    if args.form == "legacy":
+    if args.form == "realistic":
+        n = write_realistic_file(args.path, args.count)
+    elif args.form == "legacy":
         n = write_legacy_file(args.path, records)
     else:
         # sorted, like write_records wants: ids are hashes, so sort the ids in memory
