@@ -731,7 +731,7 @@ def bench_ops(target: Target, settings: BenchSettings, result: BenchResult) -> N
     bare = target.bare_sync(url, schema, sync_store.engine.dialect)
     asyncpg_conn: Any = None
     try:
-        seeds = _seed(sync_store, settings.seed_keys)
+        seeds = _seed(sync_store, min(settings.seed_keys, max(10, settings.ops)))
         loop.run_until_complete(async_store.check_schema())
         variants: list[Variant] = []
         targets: dict[tuple[str, str], float] = {}
@@ -1139,106 +1139,102 @@ def _write_atomically(path: Path, payload: bytes) -> None:
 
 
 def _sqlite_worker(
-    url: str,
-    synchronous: str,
-    busy_timeout_ms: int,
-    mode: str,
-    tag: str,
-    seconds: float,
-    ready: Any,
-    go: Any,
-    results: Any,
+    url: str, synchronous: str, busy_timeout_ms: int, commands: Any, results: Any
 ) -> None:
-    """One process of the SQLite concurrency figure: fresh reservations for ``seconds``."""
-    if mode == "bare":
-        conn = open_bare_sqlite(make_path(url), synchronous, busy_timeout_ms)
-        bare = BareSync(conn, sa.create_engine("sqlite://").dialect)
-        reserve: Callable[[str], object] = lambda key: bare.reserve(key, FINGERPRINT)  # noqa: E731
-        close: Callable[[], None] = conn.close
-    else:
-        store = IdempotencyStore.from_url(
-            url, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms
-        )
-        store.check_schema()
-        reserve = lambda key: store.reserve(TENANT, OPERATION, key, OWNER, FINGERPRINT)  # noqa: E731
-        close = store.close
-    ready.put(True)
-    go.wait()
-    latencies: list[int] = []
-    clock = time.perf_counter_ns
-    start = time.time()
-    deadline = clock() + int(seconds * 1e9)
-    i = 0
-    while True:
-        t0 = clock()
-        reserve(f"{tag}-{i}")
-        t1 = clock()
-        latencies.append(t1 - t0)
-        i += 1
-        if t1 >= deadline:
-            break
-    end = time.time()
-    close()
-    results.put((i, start, end, latencies))
-
-
-def _sqlite_processes(url: str, settings: BenchSettings, mode: str, count: int, tag: str) -> Sample:
-    ctx = multiprocessing.get_context("spawn")
-    ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    workers = [
-        ctx.Process(
-            target=_sqlite_worker,
-            args=(
-                url,
-                settings.synchronous,
-                settings.busy_timeout_ms,
-                mode,
-                f"{tag}-p{n}",
-                settings.concurrency_seconds,
-                ready,
-                go,
-                results,
-            ),
-        )
-        for n in range(count)
-    ]
-    for worker in workers:
-        worker.start()
+    """One process of the SQLite concurrency figure. It opens the store and a bare sqlite3
+    connection once, then serves ``(mode, tag, start_at, seconds)`` commands: fresh
+    reservations from ``start_at`` (wall clock) for ``seconds``; ``None`` ends it."""
+    conn = open_bare_sqlite(make_path(url), synchronous, busy_timeout_ms)
+    bare = BareSync(conn, sa.create_engine("sqlite://").dialect)
+    store = IdempotencyStore.from_url(url, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms)
+    store.check_schema()
+    results.put("ready")
     try:
-        for _ in workers:
-            ready.get(timeout=120)
-        go.set()
-        outcomes = [results.get(timeout=120 + settings.concurrency_seconds) for _ in workers]
+        while (command := commands.get()) is not None:
+            mode, tag, start_at, seconds = command
+            if mode == "bare":
+                reserve: Callable[[str], object] = lambda key: bare.reserve(key, FINGERPRINT)  # noqa: E731
+            else:
+                reserve = lambda key: store.reserve(TENANT, OPERATION, key, OWNER, FINGERPRINT)  # noqa: E731
+            time.sleep(max(0.0, start_at - time.time()))
+            latencies: list[int] = []
+            clock = time.perf_counter_ns
+            start = time.time()
+            deadline = clock() + int(seconds * 1e9)
+            i = 0
+            while True:
+                t0 = clock()
+                reserve(f"{tag}-{i}")
+                t1 = clock()
+                latencies.append(t1 - t0)
+                i += 1
+                if t1 >= deadline:
+                    break
+            results.put((i, start, time.time(), latencies))
     finally:
-        for worker in workers:
-            worker.join(timeout=30)
-            if worker.is_alive():
-                worker.kill()
-    total = sum(o[0] for o in outcomes)
-    wall = max(o[2] for o in outcomes) - min(o[1] for o in outcomes)
-    return Sample(total, wall, [lat for o in outcomes for lat in o[3]])
+        store.close()
+        conn.close()
+
+
+class SqliteWorkers:
+    """K processes (spawned once) writing to one SQLite file on command."""
+
+    def __init__(self, url: str, settings: BenchSettings, count: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.results = ctx.Queue()
+        self.commands = [ctx.Queue() for _ in range(count)]
+        self.seconds = settings.concurrency_seconds
+        self.processes = [
+            ctx.Process(
+                target=_sqlite_worker,
+                args=(url, settings.synchronous, settings.busy_timeout_ms, q, self.results),
+                daemon=True,
+            )
+            for q in self.commands
+        ]
+        for process in self.processes:
+            process.start()
+        for _ in self.processes:
+            self.results.get(timeout=120)
+
+    def run(self, mode: str, count: int, tag: str) -> Sample:
+        start_at = time.time() + 0.05
+        for n in range(count):
+            self.commands[n].put((mode, f"{tag}-p{n}", start_at, self.seconds))
+        outcomes = [self.results.get(timeout=120 + self.seconds) for _ in range(count)]
+        total = sum(o[0] for o in outcomes)
+        wall = max(o[2] for o in outcomes) - min(o[1] for o in outcomes)
+        return Sample(total, wall, [lat for o in outcomes for lat in o[3]])
+
+    def close(self) -> None:
+        for q in self.commands:
+            q.put(None)
+        for process in self.processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
 
 
 def bench_sqlite_concurrency(target: Target, settings: BenchSettings, result: BenchResult) -> None:
     url, _ = target.database("concurrency")
     IdempotencyStore.from_url(url, migrate=True).close()
     k = settings.processes
-    rounds = max(1, min(settings.rounds, 2))
     samples: dict[str, list[Sample]] = {"bare": [], "store": []}
     single: list[Sample] = []
-    for round_ in range(rounds):
-        for mode in ("bare", "store") if round_ % 2 == 0 else ("store", "bare"):
-            samples[mode].append(_sqlite_processes(url, settings, mode, k, f"c{mode}{round_}"))
-    single.append(_sqlite_processes(url, settings, "store", 1, "c1"))
-    base = _figure(
-        "concurrency", f"reserve (fresh), {k} processes", "bare sqlite3", samples["bare"]
-    )
-    mine = _figure(
-        "concurrency", f"reserve (fresh), {k} processes", "idemstore sync", samples["store"]
-    )
+    workers = SqliteWorkers(url, settings, k)
+    try:
+        for round_ in range(settings.rounds):
+            for mode in ("bare", "store") if round_ % 2 == 0 else ("store", "bare"):
+                samples[mode].append(workers.run(mode, k, f"c{mode}{round_}"))
+        single.append(workers.run("store", 1, "c1"))
+    finally:
+        workers.close()
+    workload = f"reserve (fresh), {k} processes"
+    base = _figure("concurrency", workload, "bare sqlite3", samples["bare"])
+    mine = _figure("concurrency", workload, "idemstore sync", samples["store"])
     _ratio(mine, base, samples["store"], samples["bare"])
     one = _figure("concurrency", "reserve (fresh), 1 process", "idemstore sync", single)
-    one.notes.append("same harness with one process: the scaling reference")
+    one.notes.append("one of the same processes alone: the scaling reference")
     result.figures += [base, mine, one]
 
 
@@ -1284,11 +1280,13 @@ def bench_postgres_concurrency(
     loop = asyncio.new_event_loop()
     store = target.async_store(url, schema, pool_size=k, max_overflow=0)
     asyncpg = _asyncpg()
-    pool = loop.run_until_complete(
-        asyncpg.create_pool(
+
+    async def create_pool() -> Any:
+        return await asyncpg.create_pool(
             target.conninfo(), min_size=k, max_size=k, server_settings={"search_path": schema}
         )
-    )
+
+    pool = loop.run_until_complete(create_pool())
     bare = BareAsyncpg(store.engine.dialect)
     samples: dict[str, list[Sample]] = {"bare": [], "store": []}
     seconds = settings.concurrency_seconds
@@ -1450,6 +1448,11 @@ def _settings_dict(target: Target, settings: BenchSettings) -> dict[str, Any]:
         }
         d["processes"] = settings.processes
     else:
+        with _psycopg().connect(target.conninfo()) as conn:
+            d["postgresql"] = {
+                name: conn.execute(f"SHOW {name}").fetchone()[0]
+                for name in ("server_version", "synchronous_commit", "fsync", "shared_buffers")
+            }
         d["connections"] = settings.connections
     d["concurrency_seconds"] = settings.concurrency_seconds
     return d
@@ -1578,6 +1581,13 @@ def format_report(result: BenchResult) -> str:
             f"settings: SQLite {s['versions']['sqlite']}, journal_mode={q['journal_mode']}, "
             f"synchronous={q['synchronous']}, busy_timeout={q['busy_timeout_ms']} ms, "
             f"files in {q['files_in']}"
+        )
+    if "postgresql" in s:
+        q = s["postgresql"]
+        lines.append(
+            "settings: PostgreSQL "
+            + ", ".join(f"{k}={v}" for k, v in q.items())
+            + "; JSON emulation files in the system temp directory"
         )
     lines.append(
         f"run: {s['rounds']} interleaved rounds, each >= {s['ops_per_round_min']} ops and "
