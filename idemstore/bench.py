@@ -264,42 +264,33 @@ def _ratio(
 # -- measuring ---------------------------------------------------------------------------
 
 
-def measure(fn: Callable[[int], object], min_ops: int, min_seconds: float) -> Sample:
-    """Call ``fn(0), fn(1), ...`` at least ``min_ops`` times and ``min_seconds`` long."""
-    latencies: list[int] = []
+#: Operations per turn: variants take turns in chunks this long, so that they share the
+#: machine's (and the disk's) good and bad moments.
+CHUNK: Final = 20
+
+
+def measure_chunk(fn: Callable[[int], object], start: int, count: int, out: list[int]) -> int:
+    """Call ``fn(start) .. fn(start + count - 1)``; append latencies; elapsed ns."""
     clock = time.perf_counter_ns
-    start = clock()
-    deadline = start + int(min_seconds * 1e9)
-    i = 0
-    while True:
+    began = clock()
+    for i in range(start, start + count):
         t0 = clock()
         fn(i)
-        t1 = clock()
-        latencies.append(t1 - t0)
-        i += 1
-        if i >= min_ops and t1 >= deadline:
-            break
-    return Sample(i, (clock() - start) / 1e9, latencies)
+        out.append(clock() - t0)
+    return clock() - began
 
 
-async def measure_async(
-    fn: Callable[[int], Awaitable[object]], min_ops: int, min_seconds: float
-) -> Sample:
-    """:func:`measure` for a coroutine function, awaited one call at a time."""
-    latencies: list[int] = []
+async def measure_chunk_async(
+    fn: Callable[[int], Awaitable[object]], start: int, count: int, out: list[int]
+) -> int:
+    """:func:`measure_chunk` for a coroutine function, awaited one call at a time."""
     clock = time.perf_counter_ns
-    start = clock()
-    deadline = start + int(min_seconds * 1e9)
-    i = 0
-    while True:
+    began = clock()
+    for i in range(start, start + count):
         t0 = clock()
         await fn(i)
-        t1 = clock()
-        latencies.append(t1 - t0)
-        i += 1
-        if i >= min_ops and t1 >= deadline:
-            break
-    return Sample(i, (clock() - start) / 1e9, latencies)
+        out.append(clock() - t0)
+    return clock() - began
 
 
 # -- the bare drivers: the same SQL, no SQLAlchemy -----------------------------------------
@@ -664,25 +655,38 @@ def _run_rounds(
     workloads: Sequence[str],
     label: str,
 ) -> dict[tuple[str, str], list[Sample]]:
-    """Every (workload, variant) once per round, the variants' order rotating per round."""
+    """Per round and workload, the variants take turns in chunks of :data:`CHUNK` operations
+    until each has run at least ``settings.ops`` operations and ``settings.min_seconds``."""
     samples: dict[tuple[str, str], list[Sample]] = {}
+    min_ns = int(settings.min_seconds * 1e9)
     for round_ in range(settings.rounds):
-        order = list(variants[round_ % len(variants) :]) + list(variants[: round_ % len(variants)])
         for workload in workloads:
-            for variant in order:
-                if workload not in variant.workloads:
-                    continue
+            taking = [v for v in variants if workload in v.workloads]
+            shift = round_ % len(taking)
+            taking = taking[shift:] + taking[:shift]
+            runners: list[Any] = []
+            for variant in taking:
                 tag = f"{label}-{variant.name}-{round_}"
                 if variant.sync is not None:
-                    sample = measure(
-                        variant.sync(tag)[workload], settings.ops, settings.min_seconds
-                    )
+                    runners.append(variant.sync(tag)[workload])
                 else:
                     assert variant.aio is not None
-                    runner = variant.aio(tag)[workload]
-                    sample = loop.run_until_complete(
-                        measure_async(runner, settings.ops, settings.min_seconds)
-                    )
+                    runners.append(variant.aio(tag)[workload])
+            latencies: list[list[int]] = [[] for _ in taking]
+            elapsed = [0] * len(taking)
+            done = 0
+            while done < settings.ops or min(elapsed) < min_ns:
+                count = min(CHUNK, max(1, settings.ops - done)) if done < settings.ops else CHUNK
+                for n, variant in enumerate(taking):
+                    if variant.sync is not None:
+                        elapsed[n] += measure_chunk(runners[n], done, count, latencies[n])
+                    else:
+                        elapsed[n] += loop.run_until_complete(
+                            measure_chunk_async(runners[n], done, count, latencies[n])
+                        )
+                done += count
+            for n, variant in enumerate(taking):
+                sample = Sample(done, elapsed[n] / 1e9, latencies[n])
                 samples.setdefault((workload, variant.name), []).append(sample)
     return samples
 
