@@ -10,6 +10,7 @@ from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
 
 from . import ops
@@ -26,19 +27,24 @@ SyncConnectionLike = sa.Connection | Session
 
 
 @contextmanager
-def translated_errors(busy_timeout_ms: int | None) -> Iterator[None]:
-    """Driver lock timeouts become :class:`LockTimeoutError`; everything else passes."""
+def translated_errors(dialect: Dialect, busy_timeout_ms: int | None) -> Iterator[None]:
+    """SQLite lock timeouts become :class:`LockTimeoutError`; other driver errors are wrapped
+    as SQLAlchemy wraps them (``sqlalchemy.exc.DBAPIError`` subclasses, ``.orig`` the
+    driver's), so callers catch one family whichever path ran the statement."""
     try:
         yield
     except Exception as error:
         if is_lock_timeout(error):
             raise lock_timeout_error(error, busy_timeout_ms) from error
+        driver_error = dialect.loaded_dbapi.Error
+        if isinstance(error, driver_error) and not isinstance(error, sa_exc.DBAPIError):
+            raise sa_exc.DBAPIError.instance(None, None, error, driver_error) from error
         raise
 
 
 def run_owned(engine: sa.Engine, call: ops.Call[T], busy_timeout_ms: int | None) -> T:
     """Run ``call`` in a transaction of its own on a pooled connection, commit, return it."""
-    with translated_errors(busy_timeout_ms):
+    with translated_errors(engine.dialect, busy_timeout_ms):
         pooled = engine.raw_connection()
         try:
             driver = Driver(pooled.dbapi_connection, engine.dialect, owns_transaction=True)
@@ -72,8 +78,8 @@ def run_in_caller(
     connection: SyncConnectionLike, call: ops.Call[T], busy_timeout_ms: int | None
 ) -> T:
     """Run ``call`` inside the caller's transaction: it commits or rolls back with theirs."""
-    with translated_errors(busy_timeout_ms):
-        conn = sync_connection(connection)
+    conn = sync_connection(connection)
+    with translated_errors(conn.dialect, busy_timeout_ms):
         driver = Driver(conn.connection.dbapi_connection, conn.dialect, owns_transaction=False)
         if call.mode == "write":
             driver.join_for_write()
@@ -99,10 +105,12 @@ class SchemaGate:
         if self._ready:
             return
         where = safe_url(engine.url)
-        driver_error = engine.dialect.loaded_dbapi.Error
+        # Connect first, so that a database that can't be reached is reported as such...
+        with translated_errors(engine.dialect, busy_timeout_ms):
+            engine.raw_connection().close()
         try:
             revision = run_owned(engine, ops.schema_revision(), busy_timeout_ms)
-        except (sa_exc.DBAPIError, driver_error) as error:  # no version table
+        except sa_exc.DBAPIError as error:  # ...and a failing statement as no version table.
             logger.debug("schema check failed on %s: %s", where, error)
             revision = None
         if revision != SCHEMA_REVISION:

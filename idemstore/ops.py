@@ -62,11 +62,25 @@ class Call(Generic[T]):
 
 # -- input rules (the Rust module's) ------------------------------------------------------
 
+#: What Rust's ``str::trim`` removes: the Unicode ``White_Space`` property. Python's
+#: ``str.strip()`` also removes U+001C..U+001F, which would trim keys the Rust store keeps
+#: (and so give them another record id).
+RUST_WHITESPACE: Final = (
+    "\u0009\u000a\u000b\u000c\u000d\u0020\u0085\u00a0\u1680"
+    "\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
+    "\u2028\u2029\u202f\u205f\u3000"
+)
+
+
+def rust_trim(value: str) -> str:
+    """``value`` trimmed as Rust's ``str::trim`` trims it."""
+    return value.strip(RUST_WHITESPACE)
+
 
 def _non_empty(value: str, name: str) -> str:
     if not isinstance(value, str):
         raise InvalidInputError(f"{name} must be a string, not {type(value).__name__}")
-    normalized = value.strip()
+    normalized = rust_trim(value)
     if not normalized:
         raise InvalidInputError(f"{name} cannot be empty")
     return normalized
@@ -495,7 +509,7 @@ def get(tenant: TenantContext, operation: str, key: str) -> Call[IdempotencyReco
     tenant = _tenant(tenant)
     if not isinstance(operation, str) or not isinstance(key, str):
         raise InvalidInputError("operation and key must be strings")
-    operation, key = operation.strip(), key.strip()
+    operation, key = rust_trim(operation), rust_trim(key)
     record_id = idempotency_record_id(tenant, operation, key)
     params = _tenant_params(tenant, record_id)
 
@@ -602,6 +616,7 @@ __all__ = [
     "record_params",
     "release",
     "reserve",
+    "rust_trim",
     "schema_revision",
     "stats",
 ]

@@ -1,0 +1,1254 @@
+"""Streaming reader and writer of the Rust store's JSON idempotency-key file.
+
+The Rust module (``idempotency.rs``) keeps ``{"schema_version": 1, "records": {...}}`` (or,
+in old files, a bare ``{"<record_id>": {record}}`` map) and reads it with serde. This module
+reads and writes the same files without loading them whole: the top-level object is walked by
+hand over a decoded text buffer, and each record value is decoded on its own with the C JSON
+scanner, then validated the way serde's derived ``Deserialize`` would.
+
+Reading::
+
+    with open_records(path) as reader:
+        print(reader.header.form)
+        for file_record in reader:
+            ...
+
+Every problem raises :class:`~idemstore.errors.FileFormatError` naming the file, the record
+(map key), the field as a dotted path (``outcome.completed_at_ms``, ``conflict_fingerprints[1]``)
+and the 1-based line. Records already yielded before an error are not taken back: a caller that
+imports must do so in one transaction.
+
+Writing (:func:`write_records`) produces what ``serde_json::to_string_pretty`` writes for the
+versioned form, records sorted by record id, atomically through ``<path>.tmp``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, Literal, TextIO, cast
+
+from .errors import FileFormatError, InvalidInputError
+from .model import (
+    RECORD_SCHEMA_VERSION,
+    U64_MAX,
+    IdempotencyRecord,
+    JSONValue,
+    Outcome,
+    RecordStatus,
+    TenantContext,
+    TenantSource,
+)
+
+__all__ = [
+    "SUPPORTED_SCHEMA_VERSION",
+    "FileHeader",
+    "FileRecord",
+    "RecordReader",
+    "dumps_records",
+    "open_records",
+    "read_records",
+    "record_from_json",
+    "record_to_json",
+    "write_records",
+]
+
+#: The newest file ``schema_version`` this module reads (and the one it writes).
+SUPPORTED_SCHEMA_VERSION: Final = 1
+U32_MAX: Final = 2**32 - 1
+
+_CHUNK_BYTES: Final = 1 << 20
+_READ_AHEAD: Final = 1 << 16
+_JSON_WS: Final = " \t\n\r"
+# char::is_whitespace in Rust (Unicode White_Space), used only by the "blank file" rule,
+# because the Rust reader tests ``raw.trim().is_empty() || raw.trim() == "{}"``.
+_RUST_WS: Final = frozenset(
+    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
+    "\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+_WS_RE: Final = re.compile(r"[ \t\n\r]*")
+_NUMBER_RE: Final = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
+_LEGACY_TENANT: Final = TenantContext.explicit_user_workspace("local", "default", None, "system")
+_STATUS: Final = {s.value: s for s in RecordStatus}
+_SOURCE: Final = {s.value: s for s in TenantSource}
+_EMPTY: Final[tuple[str, ...]] = ()
+
+_RECORD_FIELDS: Final = (
+    "schema_version",
+    "record_id",
+    "tenant_context",
+    "operation",
+    "key",
+    "owner",
+    "request_fingerprint",
+    "status",
+    "first_seen_at_ms",
+    "last_seen_at_ms",
+    "first_seen_event_id",
+    "expires_at_ms",
+    "outcome",
+    "conflict_count",
+    "conflict_fingerprints",
+)
+_RECORD_FIELD_SET: Final = frozenset(_RECORD_FIELDS)
+_TENANT_FIELD_SET: Final = frozenset(
+    ("org_id", "workspace_id", "deployment_id", "actor_id", "source")
+)
+_OUTCOME_FIELD_SET: Final = frozenset(
+    (
+        "outcome_kind",
+        "completed_at_ms",
+        "primary_ref_kind",
+        "primary_ref_id",
+        "secondary_ref_kind",
+        "secondary_ref_id",
+        "details",
+    )
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Public values
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    """One record of a file, as read."""
+
+    #: The key in the records map: what the Rust store looked records up by.
+    map_key: str
+    record: IdempotencyRecord
+    #: 1-based line where the record's value (its ``{``) starts.
+    line: int
+    #: Dotted paths of unknown fields that were ignored, e.g. ``"outcome.baz"``.
+    unknown_fields: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class FileHeader:
+    """What kind of file this is."""
+
+    form: Literal["empty", "legacy", "versioned"]
+    #: Top-level ``schema_version`` of a versioned file, ``None`` otherwise.
+    schema_version: int | None
+    #: Unknown top-level fields of a versioned file (ignored, like Rust does).
+    unknown_fields: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------------------------
+# Errors inside a record (converted to FileFormatError with a line by the reader)
+
+
+class _FieldError(Exception):
+    """A record value serde would refuse. ``field`` is a dotted path inside the record."""
+
+    def __init__(self, message: str, field: str, *, container: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        # For a missing field: the path of the object that lacks it (its line is reported).
+        self.container = container
+
+
+class _SyntaxProblem(Exception):
+    def __init__(self, message: str, field: str, pos: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.pos = pos
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+class _NonFinite(Exception):
+    pass
+
+
+def _pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise _DuplicateKey
+    return d
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NonFinite(name)
+
+
+_Scanner = Callable[[str, int], tuple[Any, int]]
+# scan_once is the C scanner behind raw_decode (not in typeshed): value, end = scan(text, idx)
+_SCAN: Final[_Scanner] = json.JSONDecoder(  # type: ignore[attr-defined]
+    object_pairs_hook=_pairs_hook, parse_constant=_reject_constant
+).scan_once
+_PLAIN_SCAN: Final[_Scanner] = json.JSONDecoder(  # type: ignore[attr-defined]
+    parse_constant=_reject_constant
+).scan_once
+_c_scanstring: Final[Callable[[str, int], tuple[str, int]]] = json.decoder.scanstring  # type: ignore[attr-defined]
+
+
+def _describe(value: object) -> str:
+    """serde's ``Unexpected`` wording for a JSON value."""
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return f"boolean `{'true' if value else 'false'}`"
+    if isinstance(value, int):
+        return f"integer `{value}`"
+    if isinstance(value, float):
+        return f"floating point `{value!r}`"
+    if isinstance(value, str):
+        return "string " + json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "sequence"
+    return "map"
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+# --------------------------------------------------------------------------------------------
+# Record conversion (serde semantics)
+
+
+def _missing(path: str, name: str) -> _FieldError:
+    return _FieldError(f"missing field `{name}`", _join(path, name), container=path)
+
+
+def _req_str(d: dict[str, Any], name: str, path: str) -> str:
+    v = d.get(name, _MISSING)
+    if type(v) is str:
+        return v
+    if v is _MISSING:
+        raise _missing(path, name)
+    raise _FieldError(f"invalid type: {_describe(v)}, expected a string", _join(path, name))
+
+
+def _opt_str(d: dict[str, Any], name: str, path: str) -> str | None:
+    v = d.get(name)
+    if v is None or type(v) is str:
+        return v
+    raise _FieldError(f"invalid type: {_describe(v)}, expected a string", _join(path, name))
+
+
+def _check_uint(v: object, name: str, bits: int) -> int:
+    limit = U64_MAX if bits == 64 else U32_MAX
+    if type(v) is int:
+        if 0 <= v <= limit:
+            return v
+        raise _FieldError(f"invalid value: integer `{v}`, expected u{bits}", name)
+    raise _FieldError(f"invalid type: {_describe(v)}, expected u{bits}", name)
+
+
+class _Missing:
+    pass
+
+
+_MISSING: Final = _Missing()
+
+
+def _tenant_from(
+    v: object, path: str, cache: dict[tuple[Any, ...], TenantContext]
+) -> TenantContext:
+    if type(v) is not dict:
+        raise _FieldError(f"invalid type: {_describe(v)}, expected struct TenantContext", path)
+    d = cast(dict[str, Any], v)
+    org = _req_str(d, "org_id", path)
+    ws = _req_str(d, "workspace_id", path)
+    dep = _opt_str(d, "deployment_id", path)
+    actor = _opt_str(d, "actor_id", path)
+    raw_source = d.get("source", "local_implicit")
+    source = _SOURCE.get(raw_source) if type(raw_source) is str else None
+    if source is None:
+        field = _join(path, "source")
+        if type(raw_source) is str:
+            raise _FieldError(
+                f"unknown variant `{raw_source}`, expected `local_implicit` or `explicit`", field
+            )
+        raise _FieldError(f"invalid type: {_describe(raw_source)}, expected enum", field)
+    key = (org, ws, dep, actor, source)
+    tenant = cache.get(key)
+    if tenant is None:
+        tenant = TenantContext(org, ws, dep, actor, source)
+        if len(cache) < 10_000:
+            cache[key] = tenant
+    return tenant
+
+
+def _outcome_from(v: object, path: str) -> Outcome:
+    if type(v) is not dict:
+        raise _FieldError(
+            f"invalid type: {_describe(v)}, expected struct IdempotencyKeyOutcome", path
+        )
+    d = cast(dict[str, Any], v)
+    kind = _req_str(d, "outcome_kind", path)
+    completed = d.get("completed_at_ms", _MISSING)
+    if completed is _MISSING:
+        raise _missing(path, "completed_at_ms")
+    completed_at = _check_uint(completed, _join(path, "completed_at_ms"), 64)
+    return Outcome(
+        kind,
+        completed_at,
+        _opt_str(d, "primary_ref_kind", path),
+        _opt_str(d, "primary_ref_id", path),
+        _opt_str(d, "secondary_ref_kind", path),
+        _opt_str(d, "secondary_ref_id", path),
+        d.get("details"),
+    )
+
+
+def _unknown_fields(d: dict[str, Any]) -> tuple[str, ...]:
+    out: list[str] = []
+    for k in d.keys() - _RECORD_FIELD_SET:
+        out.append(k)
+    tc = d.get("tenant_context")
+    if type(tc) is dict:
+        out.extend("tenant_context." + k for k in tc.keys() - _TENANT_FIELD_SET)
+    oc = d.get("outcome")
+    if type(oc) is dict:
+        out.extend("outcome." + k for k in oc.keys() - _OUTCOME_FIELD_SET)
+    return tuple(sorted(out))
+
+
+def _convert(
+    v: object, cache: dict[tuple[Any, ...], TenantContext]
+) -> tuple[IdempotencyRecord, tuple[str, ...]]:
+    """Validate one decoded record value like serde; return it and its unknown fields."""
+    if type(v) is not dict:
+        raise _FieldError(f"invalid type: {_describe(v)}, expected struct IdempotencyKeyRecord", "")
+    d = cast(dict[str, Any], v)
+    g = d.get
+    sv = g("schema_version", RECORD_SCHEMA_VERSION)
+    if type(sv) is not int or not 0 <= sv <= U32_MAX:
+        _check_uint(sv, "schema_version", 32)
+    record_id = _req_str(d, "record_id", "")
+    tc = g("tenant_context", _MISSING)
+    tenant = _LEGACY_TENANT if tc is _MISSING else _tenant_from(tc, "tenant_context", cache)
+    operation = _req_str(d, "operation", "")
+    key = _req_str(d, "key", "")
+    owner = _req_str(d, "owner", "")
+    fingerprint = _req_str(d, "request_fingerprint", "")
+    raw_status = g("status", _MISSING)
+    status = _STATUS.get(raw_status) if type(raw_status) is str else None
+    if status is None:
+        if raw_status is _MISSING:
+            raise _missing("", "status")
+        if type(raw_status) is str:
+            raise _FieldError(
+                f"unknown variant `{raw_status}`, expected one of "
+                "`reserved`, `completed`, `conflicted`",
+                "status",
+            )
+        raise _FieldError(f"invalid type: {_describe(raw_status)}, expected enum", "status")
+    first = g("first_seen_at_ms", _MISSING)
+    if type(first) is not int or not 0 <= first <= U64_MAX:
+        if first is _MISSING:
+            raise _missing("", "first_seen_at_ms")
+        _check_uint(first, "first_seen_at_ms", 64)
+    last = g("last_seen_at_ms", _MISSING)
+    if type(last) is not int or not 0 <= last <= U64_MAX:
+        if last is _MISSING:
+            raise _missing("", "last_seen_at_ms")
+        _check_uint(last, "last_seen_at_ms", 64)
+    event_id = _opt_str(d, "first_seen_event_id", "")
+    expires = g("expires_at_ms")
+    if expires is not None and (type(expires) is not int or not 0 <= expires <= U64_MAX):
+        _check_uint(expires, "expires_at_ms", 64)
+    raw_outcome = g("outcome")
+    outcome = None if raw_outcome is None else _outcome_from(raw_outcome, "outcome")
+    count = g("conflict_count", 0)
+    if type(count) is not int or not 0 <= count <= U64_MAX:
+        _check_uint(count, "conflict_count", 64)
+    raw_fps = g("conflict_fingerprints", _EMPTY)
+    if raw_fps is _EMPTY:
+        fps: tuple[str, ...] = _EMPTY
+    else:
+        if type(raw_fps) is not list:
+            raise _FieldError(
+                f"invalid type: {_describe(raw_fps)}, expected a sequence",
+                "conflict_fingerprints",
+            )
+        for i, fp in enumerate(raw_fps):
+            if type(fp) is not str:
+                raise _FieldError(
+                    f"invalid type: {_describe(fp)}, expected a string",
+                    f"conflict_fingerprints[{i}]",
+                )
+        fps = tuple(raw_fps)
+    record = IdempotencyRecord(
+        schema_version=sv,
+        record_id=record_id,
+        tenant_context=tenant,
+        operation=operation,
+        key=key,
+        owner=owner,
+        request_fingerprint=fingerprint,
+        status=status,
+        first_seen_at_ms=first,
+        last_seen_at_ms=last,
+        first_seen_event_id=event_id,
+        expires_at_ms=expires,
+        outcome=outcome,
+        conflict_count=count,
+        conflict_fingerprints=fps,
+    )
+    if len(d) <= 15 and d.keys() <= _RECORD_FIELD_SET:
+        tc_ok = type(tc) is not dict or tc.keys() <= _TENANT_FIELD_SET
+        oc_ok = type(raw_outcome) is not dict or raw_outcome.keys() <= _OUTCOME_FIELD_SET
+        if tc_ok and oc_ok:
+            return record, _EMPTY
+    return record, _unknown_fields(d)
+
+
+def _find_surrogate(value: object, path: str) -> str | None:
+    """Path of the first string (or key) holding a lone surrogate, which UTF-8 cannot hold."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _find_surrogate(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    elif isinstance(value, dict):
+        for k, item in value.items():
+            sub = _join(path, k)
+            if _find_surrogate(k, sub) is not None:
+                return sub
+            found = _find_surrogate(item, sub)
+            if found is not None:
+                return found
+    return None
+
+
+def record_from_json(value: object, *, map_key: str | None = None) -> IdempotencyRecord:
+    """Build a record from an already-decoded JSON value, with the reader's validation.
+
+    Raises :class:`FileFormatError` (with ``record_id=map_key`` and the field, no line). Unknown
+    fields are ignored; duplicate keys cannot be seen here (``json.loads`` already merged them).
+    """
+    try:
+        record, _ = _convert(value, {})
+    except _FieldError as exc:
+        raise FileFormatError(exc.message, record_id=map_key, field=exc.field or None) from None
+    bad = _find_surrogate(value, "")
+    if bad is not None:
+        raise FileFormatError(
+            "lone surrogate in string escape", record_id=map_key, field=bad or None
+        )
+    return record
+
+
+# --------------------------------------------------------------------------------------------
+# Positional slow parser: used only to explain an error (where is the duplicate key, which line
+# holds the bad value). Values are parsed with positions; nothing here is on the fast path.
+
+
+def _pskip_ws(text: str, i: int) -> int:
+    m = _WS_RE.match(text, i)
+    assert m is not None
+    return m.end()
+
+
+def _pparse(text: str, i: int, path: str, positions: dict[str, int], starts: dict[str, int]) -> int:
+    """Parse one value at ``text[i:]``; fill ``positions[path]`` (value start). Return its end."""
+    i = _pskip_ws(text, i)
+    positions.setdefault(path, i)
+    c = text[i : i + 1]
+    if c == "{":
+        starts.setdefault(path, i)
+        i = _pskip_ws(text, i + 1)
+        if text[i : i + 1] == "}":
+            return i + 1
+        seen: set[str] = set()
+        while True:
+            if text[i : i + 1] != '"':
+                raise _SyntaxProblem("expected a string key", path, i)
+            try:
+                key, j = _c_scanstring(text, i + 1)
+            except json.JSONDecodeError as exc:
+                raise _SyntaxProblem(exc.msg, path, exc.pos) from None
+            sub = _join(path, key)
+            if key in seen:
+                raise _SyntaxProblem(f"duplicate field `{key}`", sub, i)
+            seen.add(key)
+            j = _pskip_ws(text, j)
+            if text[j : j + 1] != ":":
+                raise _SyntaxProblem("expected ':'", path, j)
+            i = _pskip_ws(text, _pparse(text, j + 1, sub, positions, starts))
+            c = text[i : i + 1]
+            if c == ",":
+                i = _pskip_ws(text, i + 1)
+                continue
+            if c == "}":
+                return i + 1
+            raise _SyntaxProblem("expected ',' or '}'", path, i)
+    if c == "[":
+        i = _pskip_ws(text, i + 1)
+        if text[i : i + 1] == "]":
+            return i + 1
+        n = 0
+        while True:
+            i = _pskip_ws(text, _pparse(text, i, f"{path}[{n}]", positions, starts))
+            n += 1
+            c = text[i : i + 1]
+            if c == ",":
+                i += 1
+                continue
+            if c == "]":
+                return i + 1
+            raise _SyntaxProblem("expected ',' or ']'", path, i)
+    if c == '"':
+        try:
+            _, j = _c_scanstring(text, i + 1)
+        except json.JSONDecodeError as exc:
+            raise _SyntaxProblem(exc.msg, path, exc.pos) from None
+        return int(j)
+    for literal in ("true", "false", "null"):
+        if text.startswith(literal, i):
+            return i + len(literal)
+    m = _NUMBER_RE.match(text, i)
+    if m is not None:
+        return m.end()
+    for literal in ("NaN", "Infinity", "-Infinity"):
+        if text.startswith(literal, i):
+            raise _SyntaxProblem(f"{literal} is not valid JSON", path, i)
+    raise _SyntaxProblem("expected a JSON value", path, i)
+
+
+# --------------------------------------------------------------------------------------------
+# Buffered text source with line tracking
+
+
+class _Source:
+    """A file decoded to text chunk by chunk (strict UTF-8), with a cursor and line numbers."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self.buf = ""
+        self.pos = 0
+        self.base = 0  # absolute char offset of buf[0]
+        self.eof = False
+        self._pending = b""
+        self.keep_from = 0  # absolute offset that compaction must keep (a key being read)
+        self._nl_bytes = 0  # newlines in bytes already decoded (for UTF-8 error lines)
+        self._line = 1  # line number at absolute offset self._labs
+        self._labs = 0
+
+    def close(self) -> None:
+        self._file.close()
+
+    def error(self, message: str, *, at: int | None = None, **kw: Any) -> FileFormatError:
+        """An error at absolute char offset ``at`` (default: the cursor)."""
+        line = self.line_at(self.base + self.pos if at is None else at)
+        return FileFormatError(message, path=self.path, line=line, **kw)
+
+    def line_at(self, abs_pos: int) -> int:
+        lo = self._labs - self.base
+        hi = abs_pos - self.base
+        if hi >= lo:
+            self._line += self.buf.count("\n", lo, hi)
+        else:
+            self._line -= self.buf.count("\n", hi, lo)
+        self._labs = abs_pos
+        return self._line
+
+    def fill(self) -> bool:
+        """Read one more chunk; False at end of file."""
+        if self.eof:
+            return False
+        data = self._file.read(_CHUNK_BYTES)
+        raw = self._pending + data
+        if not data:
+            self.eof = True
+            if raw:
+                self._utf8_error(raw, len(raw) - len(self._pending))
+            return False
+        try:
+            text = raw.decode("utf-8")
+            self._pending = b""
+        except UnicodeDecodeError as exc:
+            if exc.end == len(raw) and exc.reason == "unexpected end of data":
+                text = raw[: exc.start].decode("utf-8")
+                self._pending = raw[exc.start :]
+            else:
+                self._utf8_error(raw, exc.start)
+        self._nl_bytes += text.count("\n")
+        # Compact: drop what is consumed (remember line numbers first).
+        cut = max(0, min(self.pos, self.keep_from - self.base))
+        self.line_at(self.base + cut)
+        self.base += cut
+        self.buf = self.buf[cut:] + text
+        self.pos -= cut
+        return True
+
+    def _utf8_error(self, raw: bytes, start: int) -> None:
+        line = 1 + self._nl_bytes + raw[:start].count(b"\n")
+        raise FileFormatError(
+            f"stream did not contain valid UTF-8 (byte offset {start} of this chunk)",
+            path=self.path,
+            line=line,
+        )
+
+    def _truncated(self, exc: json.JSONDecodeError) -> bool:
+        """Whether a decode error may only mean the buffer ends too early."""
+        if self.eof:
+            return False
+        return exc.pos >= len(self.buf) - 16 or exc.msg.startswith("Unterminated string")
+
+    def ensure(self, n: int) -> None:
+        while len(self.buf) - self.pos < n and self.fill():
+            pass
+
+    def peek(self) -> str:
+        """Skip JSON whitespace; return the next char ('' at end of file)."""
+        buf, pos = self.buf, self.pos
+        if pos < len(buf) and buf[pos] not in _JSON_WS:
+            return buf[pos]
+        while True:
+            m = _WS_RE.match(self.buf, self.pos)
+            assert m is not None
+            self.pos = m.end()
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if not self.fill():
+                return ""
+
+    def expect(self, ch: str, what: str) -> None:
+        c = self.peek()
+        if c != ch:
+            raise self._unexpected(c, what)
+        self.pos += 1
+
+    def _unexpected(self, c: str, what: str) -> FileFormatError:
+        if c == "":
+            return self.error(f"unexpected end of file, expected {what} (truncated JSON?)")
+        return self.error(f"expected {what}, found {c!r}")
+
+    def string(self) -> str:
+        """Read a JSON string at the cursor (which is on its opening quote)."""
+        while True:
+            try:
+                s, end = _c_scanstring(self.buf, self.pos + 1)
+            except json.JSONDecodeError as exc:
+                if self._truncated(exc) and self.fill():
+                    continue
+                if exc.msg.startswith("Unterminated string"):
+                    raise self.error(
+                        "unexpected end of file inside a string (truncated JSON?)"
+                    ) from None
+                raise self.error(f"invalid JSON: {exc.msg}", at=self.base + exc.pos) from None
+            self.pos = end
+            return s
+
+    def value(self, scan: Callable[[str, int], tuple[Any, int]] = _PLAIN_SCAN) -> Any:
+        """Decode one whole JSON value at the cursor (already on its first char)."""
+        if len(self.buf) - self.pos < _READ_AHEAD and not self.eof:
+            self.ensure(_READ_AHEAD)
+        while True:
+            try:
+                try:
+                    value, end = scan(self.buf, self.pos)
+                except StopIteration as stop:  # what raw_decode turns into "Expecting value"
+                    raise json.JSONDecodeError("Expecting value", self.buf, stop.value) from None
+            except json.JSONDecodeError as exc:
+                if self._truncated(exc) and self.fill():
+                    continue
+                if exc.pos >= len(self.buf.rstrip(_JSON_WS)) or exc.msg.startswith("Unterminated"):
+                    raise self.error(
+                        "unexpected end of file (truncated JSON?)", at=self.base + exc.pos
+                    ) from None
+                raise self.error(f"invalid JSON: {exc.msg}", at=self.base + exc.pos) from None
+            except _NonFinite:
+                if scan is not _PLAIN_SCAN:
+                    raise  # the record reader explains it with the field
+                try:
+                    _pparse(self.buf, self.pos, "", {}, {})
+                except _SyntaxProblem as problem:
+                    raise self.error(problem.message, at=self.base + problem.pos) from None
+                raise self.error("NaN and Infinity are not valid JSON") from None
+            if end >= len(self.buf) and self.fill():
+                continue  # a number may go on in the next chunk
+            self.pos = end
+            return value
+
+
+def _members(src: _Source, what: str, *, after_value: bool) -> Iterator[tuple[str, int]]:
+    """Walk an object's members. Yields (key, key_pos) with the cursor on the value; the
+    consumer must consume the value. ``after_value``: the cursor is after a member's value."""
+    if after_value:
+        c = src.peek()
+    else:
+        c = src.peek()
+        if c == "}":
+            src.pos += 1
+            return
+    first = not after_value
+    while True:
+        if not first:
+            if c == "}":
+                src.pos += 1
+                return
+            if c != ",":
+                raise src._unexpected(c, f"',' or '}}' in {what}")
+            src.pos += 1
+            c = src.peek()
+        first = False
+        if c != '"':
+            raise src._unexpected(c, f"a string key in {what}")
+        key_pos = src.base + src.pos
+        src.keep_from = key_pos
+        key = src.string()
+        src.expect(":", "':'")
+        if not src.peek():
+            raise src._unexpected("", "a JSON value")
+        yield key, key_pos
+        c = src.peek()
+
+
+def _skip_value(src: _Source) -> None:
+    """Skip one value with bounded memory: objects are walked member by member."""
+    if src.peek() == "{":
+        src.ensure(_READ_AHEAD)
+        try:
+            _, end = _PLAIN_SCAN(src.buf, src.pos)
+        except (StopIteration, json.JSONDecodeError, _NonFinite):
+            pass
+        else:
+            if end < len(src.buf):
+                src.pos = end
+                return
+        src.pos += 1
+        for _key, _pos in _members(src, "object", after_value=False):
+            _skip_value(src)
+        return
+    src.value()
+
+
+# --------------------------------------------------------------------------------------------
+# The reader
+
+
+def _check_top_version(src: _Source, value: object, at: int) -> int:
+    if type(value) is not int or not 0 <= value <= U32_MAX:
+        try:
+            _check_uint(value, "schema_version", 32)
+        except _FieldError as exc:
+            raise src.error(exc.message, field="schema_version", at=at) from None
+    version = cast(int, value)
+    if version > SUPPORTED_SCHEMA_VERSION:
+        raise src.error(
+            f"idempotency keys schema version {version} is newer than supported version "
+            f"{SUPPORTED_SCHEMA_VERSION}",
+            field="schema_version",
+            at=at,
+        )
+    return version
+
+
+def _rust_blank(src: _Source) -> bool:
+    """Rust's ``raw.trim().is_empty() || raw.trim() == "{}"`` for what is left of the file."""
+    state = 0  # 0: leading ws, 1: saw '{', 2: saw '{}' then trailing ws
+    while True:
+        while src.pos < len(src.buf):
+            c = src.buf[src.pos]
+            if state == 1:
+                if c != "}":
+                    return False
+                state = 2
+            elif c == "{" and state == 0:
+                state = 1
+            elif c not in _RUST_WS:
+                return False
+            src.pos += 1
+        if not src.fill():
+            return state != 1
+
+
+class RecordReader:
+    """An open JSON key file: :attr:`header`, then iterate for :class:`FileRecord` (once).
+
+    Opening reads the start of the file (and, unless the first top-level key is
+    ``schema_version`` as in every file Rust writes, makes one cheap pass over the whole
+    top level first, to find out whether it is the legacy or the versioned form). A newer
+    ``schema_version`` is refused at open, before any record is yielded.
+
+    Use as a context manager, or exhaust the iterator, so the file gets closed.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._src = _Source(self.path)
+        self._form: Literal["empty", "legacy", "versioned"] = "empty"
+        self._version: int | None = None
+        self._top_unknown: list[str] = []
+        self._top_seen: set[str] = set()
+        self._after_value = False
+        self._prescanned = False
+        self._started = False
+        try:
+            self._open()
+        except BaseException:
+            self._src.close()
+            raise
+
+    @property
+    def header(self) -> FileHeader:
+        """The file's form and version. Unknown top-level fields placed after ``records`` in a
+        file whose first key is ``schema_version`` are only known once iteration has ended."""
+        return FileHeader(self._form, self._version, tuple(self._top_unknown))
+
+    def _open(self) -> None:
+        src = self._src
+        c = src.peek()
+        if c == "" or c in _RUST_WS:
+            if _rust_blank(src):
+                return
+            raise src.error("expected a JSON value, found a non-JSON character")
+        if c != "{":
+            found = _describe(src.value()) if c in '"[-0123456789tfn' else repr(c)
+            raise src.error(f"invalid type: {found}, expected a JSON object at the top level")
+        src.ensure(_READ_AHEAD)
+        mark = src.pos
+        if src.buf.startswith("{}", src.pos):
+            src.pos += 2
+            if _rust_blank(src):
+                return
+            src.pos = mark
+        src.pos += 1
+        first = src.peek()
+        if first == "}":
+            src.pos += 1
+            self._check_trailing()
+            return
+        if first != '"':
+            raise src._unexpected(first, "a string key in the top-level object")
+        key_abs = src.base + src.pos
+        key = src.string()
+        if key == "schema_version":
+            # The form Rust writes: versioned, version first. No first pass needed.
+            src.expect(":", "':'")
+            src.peek()
+            at = src.base + src.pos
+            self._version = _check_top_version(src, src.value(), at)
+            self._form = "versioned"
+            self._top_seen.add("schema_version")
+            self._after_value = True
+            return
+        # Legacy, or versioned with schema_version further on: find out with a first pass.
+        src.pos = key_abs - src.base
+        self._prepass()
+        self._src.close()
+        self._src = _Source(self.path)
+        self._src.expect("{", "'{'")
+
+    def _prepass(self) -> None:
+        src = self._src
+        any_key = False
+        version_seen = False
+        for key, _pos in _members(src, "the top-level object", after_value=False):
+            any_key = True
+            if key not in ("schema_version", "records"):
+                self._top_unknown.append(key)
+            if key == "schema_version" and not version_seen:
+                version_seen = True
+                at = src.base + src.pos
+                self._version = _check_top_version(src, src.value(), at)
+            else:
+                _skip_value(src)
+        self._check_trailing()
+        if version_seen:
+            self._form = "versioned"
+            self._prescanned = True
+        else:
+            self._top_unknown.clear()
+            self._form = "legacy" if any_key else "empty"
+
+    def _check_trailing(self) -> None:
+        src = self._src
+        c = src.peek()
+        if c != "":
+            raise src.error(f"trailing characters after the top-level object: {c!r}")
+
+    def close(self) -> None:
+        self._src.close()
+
+    def __enter__(self) -> RecordReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[FileRecord]:
+        if self._started:
+            raise RuntimeError("a RecordReader can be iterated only once")
+        self._started = True
+        return self._iterate()
+
+    def _iterate(self) -> Iterator[FileRecord]:
+        try:
+            if self._form == "empty":
+                return
+            src = self._src
+            seen_ids: set[str] = set()
+            if self._form == "legacy":
+                yield from self._records(src, seen_ids, "the top-level object", after=False)
+                self._check_trailing()
+                return
+            for key, key_pos in _members(
+                src, "the top-level object", after_value=self._after_value
+            ):
+                if key in self._top_seen:
+                    raise src.error(f"duplicate field `{key}`", at=key_pos, field=key)
+                self._top_seen.add(key)
+                if key == "schema_version":
+                    at = src.base + src.pos
+                    _check_top_version(src, src.value(), at)
+                elif key == "records":
+                    if src.peek() != "{":
+                        v = src.value()
+                        raise src.error(
+                            f"invalid type: {_describe(v)}, expected a map", field="records"
+                        )
+                    src.pos += 1
+                    yield from self._records(src, seen_ids, "records", after=False)
+                else:
+                    if not self._prescanned:
+                        self._top_unknown.append(key)
+                    _skip_value(src)
+            self._check_trailing()
+        finally:
+            self._src.close()
+
+    def _records(
+        self, src: _Source, seen_ids: set[str], what: str, *, after: bool
+    ) -> Iterator[FileRecord]:
+        cache: dict[tuple[Any, ...], TenantContext] = {}
+        for map_key, key_pos in _members(src, what, after_value=after):
+            if map_key in seen_ids:
+                raise src.error(
+                    f"duplicate record id {map_key!r} in {what}", at=key_pos, record_id=map_key
+                )
+            seen_ids.add(map_key)
+            start = src.pos
+            abs_start = src.base + start
+            try:
+                value = src.value(_SCAN)
+            except (_DuplicateKey, _NonFinite):
+                raise self._explain(src, map_key, None) from None
+            # src.buf may have been compacted by value(): recompute the start offset
+            start = abs_start - src.base
+            line = src.line_at(abs_start)
+            try:
+                record, unknown = _convert(value, cache)
+            except _FieldError as exc:
+                raise self._explain(src, map_key, exc, start=start, line=line) from None
+            if src.buf.find("\\u", start, src.pos) != -1 or not map_key.isascii():
+                bad = _find_surrogate(map_key, "")
+                if bad is not None:
+                    raise src.error(
+                        "lone surrogate in string escape", at=key_pos, record_id=map_key
+                    )
+                bad = _find_surrogate(value, "")
+                if bad is not None:
+                    problem = _FieldError("lone surrogate in string escape", bad)
+                    raise self._explain(src, map_key, problem, start=start, line=line)
+            yield FileRecord(map_key, record, line, unknown)
+
+    def _explain(
+        self,
+        src: _Source,
+        map_key: str,
+        exc: _FieldError | None,
+        *,
+        start: int | None = None,
+        line: int | None = None,
+    ) -> FileFormatError:
+        """Turn a fast-path failure into a FileFormatError with the exact field and line."""
+        if start is None:
+            start = src.pos
+        if line is None:
+            line = src.line_at(src.base + start)
+        text = src.buf
+        positions: dict[str, int] = {}
+        starts: dict[str, int] = {}
+        try:
+            _pparse(text, start, "", positions, starts)
+        except _SyntaxProblem as problem:
+            if exc is None:
+                at = line + text.count("\n", start, problem.pos)
+                return FileFormatError(
+                    problem.message,
+                    path=self.path,
+                    record_id=map_key,
+                    field=problem.field or None,
+                    line=at,
+                )
+        if exc is None:  # pragma: no cover - the slow parser found nothing
+            return FileFormatError("invalid record", path=self.path, record_id=map_key, line=line)
+        if exc.container is not None:
+            pos = starts.get(exc.container, start)
+        else:
+            pos = positions.get(exc.field, start)
+        at = line + text.count("\n", start, pos)
+        return FileFormatError(
+            exc.message, path=self.path, record_id=map_key, field=exc.field or None, line=at
+        )
+
+
+def open_records(path: str | os.PathLike[str]) -> RecordReader:
+    """Open a JSON key file for streaming. See :class:`RecordReader`."""
+    return RecordReader(path)
+
+
+def read_records(path: str | os.PathLike[str]) -> list[FileRecord]:
+    """Read a whole (small) file into a list."""
+    with open_records(path) as reader:
+        return list(reader)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing: serde_json::to_string_pretty
+
+
+def record_to_json(record: IdempotencyRecord) -> dict[str, JSONValue]:
+    """The record as serde would serialise it: Rust field order, ``skip_serializing_if``."""
+    t = record.tenant_context
+    tenant: dict[str, JSONValue] = {"org_id": t.org_id, "workspace_id": t.workspace_id}
+    if t.deployment_id is not None:
+        tenant["deployment_id"] = t.deployment_id
+    if t.actor_id is not None:
+        tenant["actor_id"] = t.actor_id
+    tenant["source"] = TenantSource(t.source).value
+    d: dict[str, JSONValue] = {
+        "schema_version": record.schema_version,
+        "record_id": record.record_id,
+        "tenant_context": tenant,
+        "operation": record.operation,
+        "key": record.key,
+        "owner": record.owner,
+        "request_fingerprint": record.request_fingerprint,
+        "status": RecordStatus(record.status).value,
+        "first_seen_at_ms": record.first_seen_at_ms,
+        "last_seen_at_ms": record.last_seen_at_ms,
+    }
+    if record.first_seen_event_id is not None:
+        d["first_seen_event_id"] = record.first_seen_event_id
+    if record.expires_at_ms is not None:
+        d["expires_at_ms"] = record.expires_at_ms
+    o = record.outcome
+    if o is not None:
+        out: dict[str, JSONValue] = {
+            "outcome_kind": o.outcome_kind,
+            "completed_at_ms": o.completed_at_ms,
+        }
+        if o.primary_ref_kind is not None:
+            out["primary_ref_kind"] = o.primary_ref_kind
+        if o.primary_ref_id is not None:
+            out["primary_ref_id"] = o.primary_ref_id
+        if o.secondary_ref_kind is not None:
+            out["secondary_ref_kind"] = o.secondary_ref_kind
+        if o.secondary_ref_id is not None:
+            out["secondary_ref_id"] = o.secondary_ref_id
+        out["details"] = o.details
+        d["outcome"] = out
+    d["conflict_count"] = record.conflict_count
+    if record.conflict_fingerprints:
+        d["conflict_fingerprints"] = list(record.conflict_fingerprints)
+    return d
+
+
+_encode_str: Final[Callable[[str], str]] = json.encoder.encode_basestring
+
+
+def _format_float(value: float) -> str:
+    """serde_json's (ryu's) rendering of a finite f64."""
+    if not math.isfinite(value):
+        raise InvalidInputError(f"cannot write {value!r}: JSON has no NaN or Infinity")
+    if value == 0.0:
+        return "-0.0" if math.copysign(1.0, value) < 0 else "0.0"
+    sign = "-" if value < 0 else ""
+    mantissa, _, exp_text = repr(abs(value)).partition("e")
+    exp = int(exp_text) if exp_text else 0
+    int_part, _, frac_part = mantissa.partition(".")
+    digits = (int_part + frac_part).lstrip("0")
+    # position of the decimal point relative to the start of `digits`
+    point = (
+        len(int_part.lstrip("0")) + exp
+        if int_part != "0"
+        else exp - (len(frac_part) - len(frac_part.lstrip("0")))
+    )
+    digits = digits.rstrip("0") or "0"
+    n = len(digits)
+    k = point - n  # value = digits * 10**k
+    if k >= 0 and point <= 16:
+        return f"{sign}{digits}{'0' * k}.0"
+    if 0 < point <= 16:
+        return f"{sign}{digits[:point]}.{digits[point:]}"
+    if -5 < point <= 0:
+        return f"{sign}0.{'0' * -point}{digits}"
+    e = point - 1
+    if n == 1:
+        return f"{sign}{digits}e{e}"
+    return f"{sign}{digits[0]}.{digits[1:]}e{e}"
+
+
+def _dump(value: object, indent: str, out: list[str], sort: bool) -> None:
+    """Append ``value`` in serde_json's pretty format; ``indent`` is the current line indent."""
+    if isinstance(value, str):
+        out.append(_encode_str(value))
+    elif value is None:
+        out.append("null")
+    elif value is True:
+        out.append("true")
+    elif value is False:
+        out.append("false")
+    elif isinstance(value, int):
+        out.append(str(int(value)))
+    elif isinstance(value, float):
+        out.append(_format_float(value))
+    elif isinstance(value, dict):
+        if not value:
+            out.append("{}")
+            return
+        inner = indent + "  "
+        items = sorted(value.items()) if sort else value.items()
+        out.append("{")
+        sep = "\n"
+        for k, v in items:
+            if not isinstance(k, str):
+                raise InvalidInputError(f"JSON object keys must be strings, not {k!r}")
+            out.append(f"{sep}{inner}{_encode_str(k)}: ")
+            _dump(v, inner, out, sort)
+            sep = ",\n"
+        out.append(f"\n{indent}}}")
+    elif isinstance(value, list | tuple):
+        if not value:
+            out.append("[]")
+            return
+        inner = indent + "  "
+        out.append("[")
+        sep = "\n"
+        for v in value:
+            out.append(f"{sep}{inner}")
+            _dump(v, inner, out, sort)
+            sep = ",\n"
+        out.append(f"\n{indent}]")
+    else:
+        raise InvalidInputError(f"cannot write {type(value).__name__} as JSON")
+
+
+def _record_text(record: IdempotencyRecord, indent: str) -> str:
+    d = record_to_json(record)
+    details: object = _MISSING
+    outcome = d.get("outcome")
+    if isinstance(outcome, dict):
+        details = outcome.pop("details")
+    out: list[str] = []
+    # Struct fields keep their order; only `details` (a serde_json Value) is sorted.
+    inner = indent + "  "
+    out.append("{")
+    sep = "\n"
+    for k, v in d.items():
+        out.append(f"{sep}{inner}{_encode_str(k)}: ")
+        if k == "outcome" and isinstance(v, dict):
+            inner2 = inner + "  "
+            out.append("{")
+            for k2, v2 in v.items():
+                out.append(f"\n{inner2}{_encode_str(k2)}: ")
+                _dump(v2, inner2, out, False)
+                out.append(",")
+            out.append(f'\n{inner2}"details": ')
+            _dump(details, inner2, out, True)
+            out.append(f"\n{inner}}}")
+        else:
+            _dump(v, inner, out, False)
+        sep = ",\n"
+    out.append(f"\n{indent}}}")
+    return "".join(out)
+
+
+def _ordered(records: Iterable[IdempotencyRecord]) -> Iterator[IdempotencyRecord]:
+    if isinstance(records, Sequence):
+        records = sorted(records, key=lambda r: r.record_id)
+    previous: str | None = None
+    for record in records:
+        if previous is not None and record.record_id <= previous:
+            what = "duplicate" if record.record_id == previous else "out-of-order"
+            raise InvalidInputError(
+                f"{what} record id {record.record_id!r}: an iterator given to write_records "
+                "must yield records in strictly ascending record_id order"
+            )
+        previous = record.record_id
+        yield record
+
+
+def _write_stream(out: TextIO, records: Iterable[IdempotencyRecord]) -> int:
+    count = 0
+    write = out.write
+    write('{\n  "schema_version": 1,\n  "records": {')
+    sep = "\n"
+    for record in _ordered(records):
+        write(f"{sep}    {_encode_str(record.record_id)}: {_record_text(record, '    ')}")
+        sep = ",\n"
+        count += 1
+    write("\n  }\n}" if count else "}\n}")
+    return count
+
+
+def dumps_records(records: Iterable[IdempotencyRecord]) -> str:
+    """The whole versioned file as a string (for small stores and tests)."""
+    import io
+
+    buf = io.StringIO()
+    _write_stream(buf, records)
+    return buf.getvalue()
+
+
+def write_records(path: str | os.PathLike[str], records: Iterable[IdempotencyRecord]) -> int:
+    """Write a versioned file atomically, one record at a time; return the record count.
+
+    A sequence (list, tuple) is sorted by record id; any other iterable must already yield
+    records in strictly ascending ``record_id`` order (e.g. ``ORDER BY record_id`` with a binary
+    collation), which is checked. The text goes to ``<path>.tmp``, is flushed and fsynced, then
+    renamed over ``path``, and the directory is fsynced, like the Rust store does.
+    """
+    target = os.fspath(path)
+    tmp = target + ".tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8", errors="strict", newline="\n") as out:
+            count = _write_stream(out, records)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    directory = os.path.dirname(os.path.abspath(target))
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return count
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return count

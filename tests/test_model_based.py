@@ -1,0 +1,317 @@
+"""Model-based proof: random operation sequences give the same results as the Rust semantics.
+
+A Hypothesis state machine drives the store (on every backend) and :mod:`refmodel` side by
+side: reserve / complete / get / release / purge / stats over several tenants (deployment
+``None``, ``""`` and a value; same org with another actor or source), operations and keys with
+whitespace to trim, fingerprints, and a clock that steps by 0 (equal timestamps), small steps
+(expiries landing exactly on now) and big ones, starting near 0, now or 2^64-1. Every result
+must be identical: the kind (Reserved / Duplicate / Conflict / None / bool / count / error)
+and the whole record, conflict fingerprints in order.
+
+``IDEMSTORE_PROOF_SCALE`` (default 1) multiplies the number of examples and steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from conftest import Database, SyncFacade
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
+from refmodel import U64_MAX, ModelInputError, RefModel
+
+from idemstore import InvalidInputError, Outcome, TenantContext, TenantSource
+
+SCALE = float(os.environ.get("IDEMSTORE_PROOF_SCALE", "1"))
+
+TENANTS = (
+    TenantContext.explicit_user_workspace("org-a", "ws-a", None, "actor-1"),
+    # same org/workspace/deployment: another actor, another source (neither is compared)
+    TenantContext.explicit_user_workspace("org-a", "ws-a", None, "actor-2"),
+    TenantContext("org-a", "ws-a", None, None, TenantSource.LOCAL_IMPLICIT),
+    # deployment "" hashes like None (same record id) but does not match it
+    TenantContext.explicit_user_workspace("org-a", "ws-a", "", "actor-1"),
+    TenantContext.explicit_user_workspace("org-a", "ws-a", "dep-1", "actor-1"),
+    TenantContext.explicit_user_workspace("org-b", "ws-a", None, "actor-1"),
+    TenantContext.local_implicit(),
+)
+OPERATIONS = (
+    "outbox.send",
+    " outbox.send\t",
+    "webhook.provider_event",
+    "\u3000webhook.provider_event",
+    "  ",
+)
+# "\x1c".."\x1f" are whitespace to Python's str.strip() but not to Rust's str::trim.
+KEYS = ("k1", " k1 ", "k2", "k1\x1c", "\x1fk2", "ключ\u2003", "\t")
+FINGERPRINTS = ("fp-a", "fp-b", "fp-c", " fp-a\n", "\x1e")
+OWNERS = ("mailer", " mailer ", "other")
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**64), 2**64)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+optional_ref = st.none() | st.sampled_from(("delivery", "run", "d-1", ""))
+outcomes = st.builds(
+    Outcome,
+    outcome_kind=st.sampled_from(("accepted", "duplicate", "conflict", "woken", "rejected")),
+    completed_at_ms=st.integers(0, U64_MAX),
+    primary_ref_kind=optional_ref,
+    primary_ref_id=optional_ref,
+    secondary_ref_kind=optional_ref,
+    secondary_ref_id=optional_ref,
+    details=json_values,
+)
+
+
+# Half the draws come from a small core, so that keys collide often enough to reach every
+# branch; the rest from everything.
+tenants = st.sampled_from(TENANTS[:4]) | st.sampled_from(TENANTS)
+operations = st.sampled_from(OPERATIONS[:2]) | st.sampled_from(OPERATIONS)
+keys = st.sampled_from(KEYS[:2]) | st.sampled_from(KEYS)
+fingerprints = st.sampled_from(FINGERPRINTS[:2]) | st.sampled_from(FINGERPRINTS)
+expiries = st.none() | st.none() | st.integers(-2, 6)
+mostly_none = st.none() | st.none() | st.none()
+Slot = tuple[TenantContext, str, str, str]
+
+
+class StoreMachine(RuleBasedStateMachine):
+    """The store and the reference model, step by step."""
+
+    slots = Bundle("slots")
+
+    def __init__(self, store: Any, wipe: Callable[[], None]) -> None:
+        super().__init__()
+        wipe()
+        self.store = store
+        self.model = RefModel()
+        self.now = 0
+
+    def same(self, model_call: Callable[[], Any], store_call: Callable[[], Any]) -> Any:
+        try:
+            expected = model_call()
+        except ModelInputError:
+            with pytest.raises(InvalidInputError):
+                store_call()
+            return None
+        actual = store_call()
+        assert actual == expected
+        event(f"{type(expected).__name__} {expected if isinstance(expected, bool) else ''}")
+        return actual
+
+    @initialize(start=st.sampled_from((0, 1_782_900_000_000, U64_MAX - 12)))
+    def start_clock(self, start: int) -> None:
+        self.now = start
+
+    @rule(step=st.sampled_from((0, 0, 1, 1, 2, 3, 7, 1000)))
+    def tick(self, step: int) -> None:
+        self.now = min(self.now + step, U64_MAX)
+
+    @rule(
+        target=slots,
+        tenant=tenants,
+        operation=operations,
+        key=keys,
+        owner=st.sampled_from(OWNERS),
+        fingerprint=fingerprints,
+        event_id=st.none() | st.sampled_from(("evt-1", "evt-2")),
+        expires_in=expiries,
+    )
+    def reserve(
+        self,
+        tenant: TenantContext,
+        operation: str,
+        key: str,
+        owner: str,
+        fingerprint: str,
+        event_id: str | None,
+        expires_in: int | None,
+    ) -> Any:
+        self._reserve(tenant, operation, key, owner, fingerprint, event_id, expires_in)
+        return (tenant, operation, key, fingerprint)
+
+    @rule(
+        slot=slots,
+        tenant=mostly_none | tenants,
+        fingerprint=mostly_none | fingerprints,
+        owner=st.sampled_from(OWNERS),
+        event_id=st.none() | st.sampled_from(("evt-1", "evt-2")),
+        expires_in=expiries,
+    )
+    def reserve_again(
+        self,
+        slot: Slot,
+        tenant: TenantContext | None,
+        fingerprint: str | None,
+        owner: str,
+        event_id: str | None,
+        expires_in: int | None,
+    ) -> None:
+        """The same key again: same request (duplicate), another (conflict), another tenant."""
+        tenant = tenant or slot[0]
+        self._reserve(tenant, slot[1], slot[2], owner, fingerprint or slot[3], event_id, expires_in)
+
+    def _reserve(
+        self,
+        tenant: TenantContext,
+        operation: str,
+        key: str,
+        owner: str,
+        fingerprint: str,
+        event_id: str | None,
+        expires_in: int | None,
+    ) -> None:
+        expires = None if expires_in is None else max(0, min(self.now + expires_in, U64_MAX))
+        kwargs = {"first_seen_event_id": event_id, "expires_at_ms": expires, "now_ms": self.now}
+        self.same(
+            lambda: self.model.reserve(tenant, operation, key, owner, fingerprint, **kwargs),
+            lambda: self.store.reserve(tenant, operation, key, owner, fingerprint, **kwargs),
+        )
+
+    @rule(slot=slots, tenant=mostly_none | tenants, outcome=outcomes)
+    def complete_slot(self, slot: Slot, tenant: TenantContext | None, outcome: Outcome) -> None:
+        self.complete(tenant or slot[0], slot[1], slot[2], outcome)
+
+    @rule(tenant=tenants, operation=operations, key=keys, outcome=outcomes)
+    def complete(self, tenant: TenantContext, operation: str, key: str, outcome: Outcome) -> None:
+        self.same(
+            lambda: self.model.complete(tenant, operation, key, outcome, now_ms=self.now),
+            lambda: self.store.complete(tenant, operation, key, outcome, now_ms=self.now),
+        )
+
+    @rule(slot=slots, tenant=mostly_none | tenants)
+    def get_slot(self, slot: Slot, tenant: TenantContext | None) -> None:
+        self.get(tenant or slot[0], slot[1], slot[2])
+
+    @rule(tenant=tenants, operation=operations | st.just(""), key=keys | st.just(""))
+    def get(self, tenant: TenantContext, operation: str, key: str) -> None:
+        self.same(
+            lambda: self.model.get(tenant, operation, key),
+            lambda: self.store.get(tenant, operation, key),
+        )
+
+    @rule(slot=slots, tenant=mostly_none | tenants, fingerprint=mostly_none | fingerprints)
+    def release_slot(
+        self, slot: Slot, tenant: TenantContext | None, fingerprint: str | None
+    ) -> None:
+        self.release(tenant or slot[0], slot[1], slot[2], fingerprint or slot[3])
+
+    @rule(tenant=tenants, operation=operations, key=keys, fingerprint=fingerprints)
+    def release(self, tenant: TenantContext, operation: str, key: str, fingerprint: str) -> None:
+        self.same(
+            lambda: self.model.release(tenant, operation, key, fingerprint),
+            lambda: self.store.release(tenant, operation, key, fingerprint),
+        )
+
+    @rule(batch_size=st.integers(1, 3), lag=st.sampled_from((0, 0, 1, 5)))
+    def purge_expired(self, batch_size: int, lag: int) -> None:
+        now = max(0, self.now - lag)
+        self.same(
+            lambda: self.model.purge_expired(now_ms=now),
+            lambda: self.store.purge_expired(now_ms=now, batch_size=batch_size),
+        )
+
+    @rule()
+    def stats(self) -> None:
+        assert dict(self.store.stats().counts) == self.model.stats()
+
+    @invariant()
+    def clock_in_range(self) -> None:
+        assert 0 <= self.now <= U64_MAX
+
+    def teardown(self) -> None:
+        # Every record the model holds is in the store, whole; and nothing else is.
+        for record in self.model.records.values():
+            found = self.store.get(record.tenant_context, record.operation, record.key)
+            assert found == record
+        assert self.store.stats().total == len(self.model.records)
+
+
+@contextmanager
+def open_store(db: Database, flavour: str) -> Iterator[Any]:
+    """A migrated store on ``db`` with the sync interface (async through SyncFacade)."""
+    if flavour == "sync":
+        sync_store = db.sync_store()
+        try:
+            yield sync_store
+        finally:
+            sync_store.close()
+        return
+    loop = asyncio.new_event_loop()
+    async_store = db.async_store()
+    try:
+        loop.run_until_complete(async_store.migrate())
+        yield SyncFacade(async_store, loop)
+    finally:
+        loop.run_until_complete(async_store.close())
+        loop.close()
+
+
+def wiper(db: Database) -> Callable[[], None]:
+    engine = db.sync_engine(poolclass=sa.pool.NullPool)
+
+    def wipe() -> None:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM idemstore_conflict_fingerprints")
+            conn.exec_driver_sql("DELETE FROM idemstore_records")
+
+    return wipe
+
+
+def test_store_matches_reference_model(
+    backend: str, make_database: Callable[[str], Database]
+) -> None:
+    engine_name, flavour = backend.split("-")
+    db = make_database(engine_name)
+    wipe = wiper(db)
+    with open_store(db, flavour) as store:
+        run_state_machine_as_test(
+            lambda: StoreMachine(store, wipe),
+            settings=settings(
+                max_examples=max(1, int(30 * SCALE)),
+                stateful_step_count=max(5, int(40 * SCALE)),
+                deadline=None,
+                suppress_health_check=list(HealthCheck),
+                derandomize=os.environ.get("IDEMSTORE_PROOF_DERANDOMIZE") == "1",
+            ),
+        )
+
+
+def test_trimming_is_rusts(store: Any) -> None:
+    """Regression: ``str.strip()`` also strips U+001C..U+001F, Rust's ``trim`` does not, so
+    such a key got another record id than the Rust store gives it (and "\\x1e" was rejected
+    as a blank fingerprint)."""
+    tenant = TenantContext.explicit_user_workspace("org-a", "ws-a", None, "actor-1")
+    from idemstore import Reserved, idempotency_record_id
+
+    first = store.reserve(tenant, " op\u3000", "k1\x1c ", "owner", "\x1e", now_ms=5)
+    assert isinstance(first, Reserved)
+    assert first.record.key == "k1\x1c"
+    assert first.record.operation == "op"
+    assert first.record.request_fingerprint == "\x1e"
+    assert first.record.record_id == idempotency_record_id(tenant, "op", "k1\x1c")
+    assert isinstance(store.reserve(tenant, "op", "k1", "owner", "fp", now_ms=6), Reserved)
+    assert store.get(tenant, "op", "\x1fk1\x1c") is None
+    assert store.get(tenant, "op\n", " k1\x1c\t") == first.record
+    assert store.release(tenant, "op", "k1\x1c", "\x1e")
