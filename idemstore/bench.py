@@ -1633,6 +1633,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``idemstore bench`` options (the CLI delegates here)."""
     parser.add_argument(
         "--database-url",
+        default=argparse.SUPPRESS,  # keeps a value given before the subcommand (idemstore CLI)
         help="where to measure (default: $IDEMSTORE_DATABASE_URL, else sqlite:///idemstore.db). "
         "SQLite: fresh files in a temporary directory beside it; PostgreSQL: fresh "
         "schemas, dropped afterwards",
@@ -1702,7 +1703,7 @@ def settings_from(args: argparse.Namespace) -> BenchSettings:
         return value if value is not None else (short if quick else normal)
 
     return BenchSettings(
-        database_url=args.database_url,
+        database_url=getattr(args, "database_url", None),
         synchronous=args.synchronous,
         busy_timeout_ms=args.busy_timeout_ms,
         records=pick(args.records, GROWTH_SIZES[-1], 10_000),
