@@ -1628,6 +1628,25 @@ def format_table(result: BenchResult) -> str:
     return "\n".join(out)
 
 
+def format_markdown(result: BenchResult) -> str:
+    """The table as Markdown (for the README)."""
+    headers = ("section", "figure", "variant", "ops/s", "p50 µs", "p99 µs", "ratio", "target")
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * 3 + "---:|" * 4 + "---|"]
+    for f in result.figures:
+        cells = (
+            f.section,
+            f.workload,
+            f.variant + ("" if f.trusted else " (too short to trust)"),
+            _fmt_rate(f.rate),
+            _fmt_us(f.p50_us),
+            _fmt_us(f.p99_us),
+            _fmt_ratio(f) + (f" vs {f.baseline}" if f.baseline and f.ratio is not None else ""),
+            _fmt_target(f),
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def format_report(result: BenchResult) -> str:
     s = result.settings
     lines = [f"idemstore bench: {s['database']}"]
@@ -1742,6 +1761,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quick", action="store_true", help="smaller sizes and shorter rounds (about a minute)"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
 
 
 def settings_from(args: argparse.Namespace) -> BenchSettings:
@@ -1781,6 +1801,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_json(), indent=2))
     else:
         print(format_report(result))
+        if getattr(args, "markdown", False):
+            print()
+            print(format_markdown(result))
     return 0
 
 

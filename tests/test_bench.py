@@ -68,9 +68,10 @@ def test_bench_sqlite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 def test_bench_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"sqlite:///{tmp_path / 'bench.db'}"
     args = ["--database-url", url, *TINY, "--sections", "ops", "--synchronous", "normal"]
-    assert bench.main(args) == 0
+    assert bench.main([*args, "--markdown"]) == 0
     out = capsys.readouterr().out
     assert "synchronous=NORMAL" in out
+    assert "| section | figure |" in out
     assert "bare sqlite3" in out and "idemstore async" in out
     assert "TOO SHORT TO TRUST" in out
 
