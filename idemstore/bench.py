@@ -1727,7 +1727,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--min-seconds",
         type=float,
         default=None,
-        help="a round also lasts at least this long (default 0.3; --quick 0.1)",
+        help="a round also lasts at least this long (default 0.3; --quick 0.25)",
     )
     parser.add_argument(
         "--synchronous",
@@ -1781,8 +1781,8 @@ def settings_from(args: argparse.Namespace) -> BenchSettings:
         records=pick(args.records, GROWTH_SIZES[-1], 10_000),
         ops=pick(args.ops, 1000, 200),
         rounds=pick(args.rounds, 3, 2),
-        min_seconds=pick(args.min_seconds, 0.3, 0.1),
-        json_ops=pick(args.json_ops, 3, 2),
+        min_seconds=pick(args.min_seconds, 0.3, 0.25),
+        json_ops=pick(args.json_ops, 3, 3),
         processes=args.processes,
         connections=args.connections,
         concurrency_seconds=pick(args.concurrency_seconds, 2.0, 0.5),
