@@ -15,8 +15,8 @@ from sqlalchemy.orm import Session
 
 from . import ops
 from .config import safe_url
-from .dialects import Driver, is_lock_timeout, lock_timeout_error
-from .errors import SchemaNotReadyError
+from .dialects import Driver, is_lock_timeout, is_nul_in_text, lock_timeout_error
+from .errors import InvalidInputError, SchemaNotReadyError
 from .schema import SCHEMA_REVISION
 
 T = TypeVar("T")
@@ -36,6 +36,10 @@ def translated_errors(dialect: Dialect, busy_timeout_ms: int | None) -> Iterator
     except Exception as error:
         if is_lock_timeout(error):
             raise lock_timeout_error(error, busy_timeout_ms) from error
+        if is_nul_in_text(error):
+            raise InvalidInputError(
+                "text containing NUL (\\x00) cannot be stored in PostgreSQL; nothing was written"
+            ) from error
         driver_error = dialect.loaded_dbapi.Error
         if isinstance(error, driver_error) and not isinstance(error, sa_exc.DBAPIError):
             raise sa_exc.DBAPIError.instance(None, None, error, driver_error) from error

@@ -178,6 +178,12 @@ def is_lock_timeout(error: BaseException) -> bool:
     return False
 
 
+def is_nul_in_text(error: BaseException) -> bool:
+    """Whether PostgreSQL refused a NUL character in text (SQLite, like Rust, stores it)."""
+    text = str(getattr(error, "orig", error))
+    return "cannot contain NUL" in text or ("invalid byte sequence" in text and "0x00" in text)
+
+
 def lock_timeout_error(error: BaseException, busy_timeout_ms: int | None) -> LockTimeoutError:
     within = f" within busy_timeout={busy_timeout_ms} ms" if busy_timeout_ms is not None else ""
     return LockTimeoutError(

@@ -5,13 +5,17 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
+from .errors import InvalidInputError
 from .model import TenantContext
 
 
 def _length_prefixed_sha256(parts: Iterable[str]) -> str:
     hasher = hashlib.sha256()
     for part in parts:
-        data = part.encode("utf-8")
+        try:
+            data = part.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInputError(f"{part!r} is not valid Unicode (lone surrogate)") from None
         hasher.update(len(data).to_bytes(8, "big"))
         hasher.update(data)
     return hasher.hexdigest()

@@ -77,10 +77,20 @@ def rust_trim(value: str) -> str:
     return value.strip(RUST_WHITESPACE)
 
 
+def _unicode(value: str, name: str) -> str:
+    """Rust strings are valid UTF-8: a lone surrogate has no place in a key or a record."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInputError(f"{name} is not valid Unicode (lone surrogate)") from None
+    return value
+
+
 def _non_empty(value: str, name: str) -> str:
     if not isinstance(value, str):
         raise InvalidInputError(f"{name} must be a string, not {type(value).__name__}")
-    normalized = rust_trim(value)
+    normalized = rust_trim(_unicode(value, name))
     if not normalized:
         raise InvalidInputError(f"{name} cannot be empty")
     return normalized
@@ -93,17 +103,21 @@ def _u64(value: int, name: str) -> int:
 
 
 def _optional_str(value: str | None, name: str) -> str | None:
-    if value is not None and not isinstance(value, str):
+    if value is None:
+        return None
+    if not isinstance(value, str):
         raise InvalidInputError(f"{name} must be a string or None, not {type(value).__name__}")
-    return value
+    return _unicode(value, name)
 
 
 def _tenant(tenant: TenantContext) -> TenantContext:
     if not isinstance(tenant, TenantContext):
         raise InvalidInputError(f"tenant must be a TenantContext, not {type(tenant).__name__}")
     for name in ("org_id", "workspace_id"):
-        if not isinstance(getattr(tenant, name), str):
+        value = getattr(tenant, name)
+        if not isinstance(value, str):
             raise InvalidInputError(f"tenant {name} must be a string")
+        _unicode(value, f"tenant {name}")
     _optional_str(tenant.deployment_id, "tenant deployment_id")
     _optional_str(tenant.actor_id, "tenant actor_id")
     TenantSource(tenant.source)
@@ -122,9 +136,12 @@ def _now(value: int | None) -> int:
 def dump_details(details: JSONValue) -> str:
     """Outcome details as stored: compact JSON, keys sorted (as serde_json writes them)."""
     try:
-        return json.dumps(
+        text = json.dumps(
             details, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
         )
+        return _unicode(text, "outcome details")
+    except InvalidInputError:
+        raise
     except (TypeError, ValueError) as error:
         raise InvalidInputError(f"outcome details must be JSON-serialisable: {error}") from None
 

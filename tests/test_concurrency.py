@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ENGINES, Database
-from proof_worker import OPERATION, OTHER_ACTOR, TENANT, reservation_row
 
 import idemstore
 from idemstore import IdempotencyRecord, Outcome, RecordStatus, Reserved
+from tests.conftest import ENGINES, Database
+from tests.proof_worker import OPERATION, OTHER_ACTOR, TENANT, reservation_row
 
 SCALE = float(os.environ.get("IDEMSTORE_PROOF_SCALE", "1"))
 PROCESSES = max(8, int(8 * SCALE))

@@ -30,11 +30,11 @@ from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
-from conftest import Database
-from proof_worker import OPERATION, TENANT
-from test_concurrency import worker_command, worker_env
 
 from idemstore import RecordStatus, Reserved
+from tests.conftest import Database
+from tests.proof_worker import OPERATION, TENANT
+from tests.test_concurrency import worker_command, worker_env
 
 SCALE = float(os.environ.get("IDEMSTORE_PROOF_SCALE", "1"))
 KILLS = {"sqlite": max(10, int(10 * SCALE)), "postgresql": max(4, int(5 * SCALE))}

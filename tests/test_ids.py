@@ -94,3 +94,10 @@ def test_length_prefix_separates_parts():
 def test_fingerprint_vectors(parts, expected):
     assert idempotency_fingerprint(parts) == expected
     assert idempotency_fingerprint(iter(parts)) == expected  # any iterable
+
+
+def test_lone_surrogate_is_invalid_input():
+    from idemstore import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="lone surrogate"):
+        idempotency_fingerprint(["ok", "\ud800"])

@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import Database, SyncFacade
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -32,9 +31,10 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from refmodel import U64_MAX, ModelInputError, RefModel
 
 from idemstore import InvalidInputError, Outcome, TenantContext, TenantSource
+from tests.conftest import Database, SyncFacade
+from tests.refmodel import U64_MAX, ModelInputError, RefModel
 
 SCALE = float(os.environ.get("IDEMSTORE_PROOF_SCALE", "1"))
 

@@ -449,3 +449,26 @@ def test_stats_counts_by_operation_and_status(store):
 
 def _fields(record: IdempotencyRecord) -> dict:
     return {name: getattr(record, name) for name in IdempotencyRecord.__dataclass_fields__}
+
+
+def test_lone_surrogates_are_rejected_before_anything_is_written(store):
+    with pytest.raises(InvalidInputError, match="idempotency key is not valid Unicode"):
+        reserve(store, key="k\ud800")
+    with pytest.raises(InvalidInputError, match="tenant org_id is not valid Unicode"):
+        reserve(store, t=tenant("\udfff"))
+    reserve(store)
+    with pytest.raises(InvalidInputError, match="outcome details is not valid Unicode"):
+        store.complete(tenant(), OP, "send-1", Outcome("accepted", 1, details={"x": "\ud800"}))
+    assert store.stats().total == 1
+
+
+def test_nul_in_a_key(store, backend):
+    # Rust and SQLite keep NUL in strings; PostgreSQL text cannot hold it.
+    if backend.startswith("postgresql"):
+        with pytest.raises(InvalidInputError, match="NUL"):
+            reserve(store, key="k\x00")
+        assert store.stats().total == 0
+    else:
+        assert isinstance(reserve(store, key="k\x00"), Reserved)
+        assert store.get(tenant(), OP, "k\x00").key == "k\x00"
+        assert store.get(tenant(), OP, "k") is None
