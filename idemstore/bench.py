@@ -1725,7 +1725,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--min-seconds",
         type=float,
         default=None,
-        help="a round also lasts at least this long (default 0.3; --quick 0.25)",
+        help="a round also lasts at least this long (default 0.3; --quick 0.2)",
     )
     parser.add_argument(
         "--synchronous",
@@ -1778,8 +1778,8 @@ def settings_from(args: argparse.Namespace) -> BenchSettings:
         busy_timeout_ms=args.busy_timeout_ms,
         records=pick(args.records, GROWTH_SIZES[-1], 10_000),
         ops=pick(args.ops, 1000, 200),
-        rounds=pick(args.rounds, 3, 2),
-        min_seconds=pick(args.min_seconds, 0.3, 0.25),
+        rounds=pick(args.rounds, 3, 3),
+        min_seconds=pick(args.min_seconds, 0.3, 0.2),
         json_ops=pick(args.json_ops, 3, 3),
         processes=args.processes,
         connections=args.connections,
