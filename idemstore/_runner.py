@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -46,20 +46,29 @@ def translated_errors(dialect: Dialect, busy_timeout_ms: int | None) -> Iterator
         raise
 
 
+def run_in_transaction(dbapi: Any, dialect: Dialect, call: ops.Call[T]) -> T:
+    """Run ``call`` in a transaction of its own on the DBAPI connection ``dbapi`` (which is in
+    no transaction), commit, return its result; roll back on any error."""
+    driver = Driver(dbapi, dialect, owns_transaction=True)
+    try:
+        driver.begin(call.mode)
+        try:
+            result = call.run(driver)
+            driver.commit()
+        except BaseException:
+            driver.rollback()
+            raise
+        return result
+    finally:
+        driver.close()
+
+
 def run_owned(engine: sa.Engine, call: ops.Call[T], busy_timeout_ms: int | None) -> T:
     """Run ``call`` in a transaction of its own on a pooled connection, commit, return it."""
     with translated_errors(engine.dialect, busy_timeout_ms):
         pooled = engine.raw_connection()
         try:
-            driver = Driver(pooled.dbapi_connection, engine.dialect, owns_transaction=True)
-            driver.begin(call.mode)
-            try:
-                result = call.run(driver)
-                driver.commit()
-            except BaseException:
-                driver.rollback()
-                raise
-            return result
+            return run_in_transaction(pooled.dbapi_connection, engine.dialect, call)
         finally:
             pooled.close()
 
@@ -85,9 +94,12 @@ def run_in_caller(
     conn = sync_connection(connection)
     with translated_errors(conn.dialect, busy_timeout_ms):
         driver = Driver(conn.connection.dbapi_connection, conn.dialect, owns_transaction=False)
-        if call.mode == "write":
-            driver.join_for_write()
-        return call.run(driver)
+        try:
+            if call.mode == "write":
+                driver.join_for_write()
+            return call.run(driver)
+        finally:
+            driver.close()
 
 
 class SchemaGate:

@@ -115,13 +115,14 @@ class Driver:
     rolls back); False inside a caller's transaction (it never commits there).
     """
 
-    __slots__ = ("_sqlite", "dbapi", "dialect", "owns_transaction")
+    __slots__ = ("_cursor", "_sqlite", "dbapi", "dialect", "owns_transaction")
 
     def __init__(self, dbapi: Any, dialect: Dialect, *, owns_transaction: bool) -> None:
         self.dbapi = dbapi
         self.dialect = dialect
         self.owns_transaction = owns_transaction
         self._sqlite = is_sqlite(dialect)
+        self._cursor: Any = None
 
     def execute(
         self, name: str, build: StatementBuilder, params: Mapping[str, Any] | None = None
@@ -134,11 +135,18 @@ class Driver:
             bound = tuple(params[p] for p in stmt.positional) if params else ()
         else:
             bound = params or {}
-        cursor = self.dbapi.cursor()
-        try:
-            cursor.execute(stmt.sql, bound)
-            return list(cursor.fetchall()) if cursor.description is not None else []
-        finally:
+        # One cursor for all the statements of this Driver (closed by close()): each result
+        # is fetched whole before the next statement runs.
+        cursor = self._cursor
+        if cursor is None:
+            cursor = self._cursor = self.dbapi.cursor()
+        cursor.execute(stmt.sql, bound)
+        return cursor.fetchall() if cursor.description is not None else []
+
+    def close(self) -> None:
+        """Close the cursor (the connection stays open)."""
+        cursor, self._cursor = self._cursor, None
+        if cursor is not None:
             cursor.close()
 
     def execute_flat(self, name: str, build: StatementBuilder, values: Sequence[Any]) -> list[Row]:
@@ -281,11 +289,10 @@ class Driver:
             self._sqlite_exec("BEGIN IMMEDIATE")
 
     def _sqlite_exec(self, sql: str) -> None:
-        cursor = self.dbapi.cursor()
-        try:
-            cursor.execute(sql)
-        finally:
-            cursor.close()
+        cursor = self._cursor
+        if cursor is None:
+            cursor = self._cursor = self.dbapi.cursor()
+        cursor.execute(sql)
 
 
 def _sqlite_in_transaction(dbapi: Any) -> bool:

@@ -1,0 +1,89 @@
+"""``idemstore bench`` runs and reports every section (a smoke test: it checks that the bench
+works, not how fast anything is)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from idemstore import bench
+
+POSTGRES_ENV = "IDEMSTORE_TEST_POSTGRES_URL"
+
+TINY = [
+    "--records",
+    "300",
+    "--ops",
+    "20",
+    "--rounds",
+    "1",
+    "--min-seconds",
+    "0",
+    "--json-ops",
+    "1",
+    "--processes",
+    "2",
+    "--connections",
+    "2",
+    "--concurrency-seconds",
+    "0.1",
+]
+SECTIONS = {"ops", "growth", "json", "concurrency"}
+
+
+def _check(report: dict[str, object]) -> None:
+    figures = report["figures"]
+    assert isinstance(figures, list)
+    assert {f["section"] for f in figures} >= SECTIONS
+    ops = [f for f in figures if f["section"] == "ops"]
+    assert {f["workload"] for f in ops} == set(bench.WORKLOADS)
+    assert all(f["rate"] > 0 for f in figures)
+    # Every idemstore figure of the ops section is a ratio to the bare driver.
+    assert all(f["ratio"] is not None for f in ops if f["variant"].startswith("idemstore"))
+    # Tiny sizes: the bench says so.
+    assert any(not f["trusted"] for f in figures)
+    assert any("too short to trust" in n.lower() for n in report["notes"])
+    settings = report["settings"]
+    assert isinstance(settings, dict)
+    assert settings["records"] == 300
+    # The importer may or may not exist yet; either way the section reports.
+    skipped = report["skipped"]
+    assert isinstance(skipped, dict)
+    assert "import" in skipped or any(f["section"] == "import" for f in figures)
+
+
+def test_bench_sqlite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'bench.db'}"
+    assert bench.main(["--database-url", url, *TINY, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    _check(report)
+    assert report["settings"]["sqlite"]["synchronous"] == "FULL"
+    # Its files are gone afterwards.
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'bench.db'}"
+    args = ["--database-url", url, *TINY, "--sections", "ops", "--synchronous", "normal"]
+    assert bench.main([*args, "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "synchronous=NORMAL" in out
+    assert "| section | figure |" in out
+    assert "bare sqlite3" in out and "idemstore async" in out
+    assert "TOO SHORT TO TRUST" in out
+
+
+def test_bench_postgresql(capsys: pytest.CaptureFixture[str]) -> None:
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        if os.environ.get("IDEMSTORE_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"IDEMSTORE_REQUIRE_POSTGRES=1 but {POSTGRES_ENV} is not set")
+        pytest.skip(f"the PostgreSQL bench smoke test needs {POSTGRES_ENV}")
+    assert bench.main(["--database-url", url, *TINY, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    _check(report)
+    variants = {f["variant"] for f in report["figures"]}
+    assert {"bare psycopg", "bare asyncpg", "idemstore sync", "idemstore async"} <= variants
