@@ -47,7 +47,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Final
 
 import sqlalchemy as sa
@@ -58,6 +57,8 @@ from .aio import AsyncIdempotencyStore
 from .config import DEFAULT_SYNCHRONOUS, resolve_url, safe_url, sync_url
 from .dialects import DEFAULT_BUSY_TIMEOUT_MS, SQLITE_SYNCHRONOUS, CompiledStatement
 from .ids import idempotency_record_id
+from .importer import import_file
+from .jsonfile import record_to_json
 from .model import IdempotencyRecord, Outcome, RecordStatus, TenantContext
 from .schema import encode_u64
 from .schema import records as R
@@ -498,6 +499,8 @@ class Target:
             parent = (
                 Path(database).resolve().parent if database not in (None, "", ":memory:") else None
             )
+            if parent is not None:
+                parent.mkdir(parents=True, exist_ok=True)
             self.directory = Path(tempfile.mkdtemp(prefix="idemstore-bench-", dir=parent))
 
     # SQLite ------------------------------------------------------------------------------
@@ -861,50 +864,6 @@ def synthetic_record(i: int, now: int) -> IdempotencyRecord:
     )
 
 
-def record_json(record: IdempotencyRecord) -> dict[str, Any]:
-    """The record as the Rust store serialises it (field order, ``skip_serializing_if``)."""
-    t = record.tenant_context
-    tenant: dict[str, Any] = {"org_id": t.org_id, "workspace_id": t.workspace_id}
-    if t.deployment_id is not None:
-        tenant["deployment_id"] = t.deployment_id
-    if t.actor_id is not None:
-        tenant["actor_id"] = t.actor_id
-    tenant["source"] = t.source.value
-    d: dict[str, Any] = {
-        "schema_version": record.schema_version,
-        "record_id": record.record_id,
-        "tenant_context": tenant,
-        "operation": record.operation,
-        "key": record.key,
-        "owner": record.owner,
-        "request_fingerprint": record.request_fingerprint,
-        "status": record.status.value,
-        "first_seen_at_ms": record.first_seen_at_ms,
-        "last_seen_at_ms": record.last_seen_at_ms,
-    }
-    if record.first_seen_event_id is not None:
-        d["first_seen_event_id"] = record.first_seen_event_id
-    if record.expires_at_ms is not None:
-        d["expires_at_ms"] = record.expires_at_ms
-    o = record.outcome
-    if o is not None:
-        out: dict[str, Any] = {"outcome_kind": o.outcome_kind, "completed_at_ms": o.completed_at_ms}
-        for name in (
-            "primary_ref_kind",
-            "primary_ref_id",
-            "secondary_ref_kind",
-            "secondary_ref_id",
-        ):
-            if getattr(o, name) is not None:
-                out[name] = getattr(o, name)
-        out["details"] = o.details
-        d["outcome"] = out
-    d["conflict_count"] = record.conflict_count
-    if record.conflict_fingerprints:
-        d["conflict_fingerprints"] = list(record.conflict_fingerprints)
-    return d
-
-
 def synthetic_rows(start: int, stop: int, now: int) -> list[tuple[Any, ...]]:
     """Rows in ``records`` column order (those of :func:`synthetic_record`), sorted by
     primary key (a fast bulk load)."""
@@ -1104,7 +1063,7 @@ def bench_json(
     path = directory / "idempotency_keys.json"
     now = ops.now_ms()
     records = {
-        r["record_id"]: r for r in (record_json(synthetic_record(i, now)) for i in range(count))
+        r["record_id"]: r for r in (record_to_json(synthetic_record(i, now)) for i in range(count))
     }
     latencies: list[int] = []
     io_ns: list[int] = []
@@ -1116,7 +1075,7 @@ def bench_json(
             record_id = idempotency_record_id(TENANT, OPERATION, key)
             if record_id not in records:  # the reserve itself (a fresh key)
                 fresh = synthetic_record(count + i, ops.now_ms())
-                records[record_id] = record_json(fresh)
+                records[record_id] = record_to_json(fresh)
             snapshot = dict(records)  # Rust clones the map before persisting it
             payload = json.dumps(
                 {"schema_version": 1, "records": snapshot}, indent=2, ensure_ascii=False
@@ -1378,38 +1337,17 @@ def bench_postgres_concurrency(
 # -- section: import ---------------------------------------------------------------------
 
 
-def _load_importer() -> ModuleType | None:
-    try:
-        return importlib.import_module("idemstore.importer")
-    except ImportError:
-        return None
-
-
-# >>> ADAPTER: the one place that knows the importer's signature. <<<
-# ``idemstore.importer`` is written in parallel with this bench; adjust this call to its final
-# signature (a path and a store/URL, returning something with a record count, is expected).
-def call_importer(
-    importer: ModuleType, path: str, url: str, engine_options: Mapping[str, Any]
-) -> int | None:
-    """Import ``path`` into the database at ``url``; the number of records, if known."""
-    store = IdempotencyStore.from_url(url, migrate=True, **engine_options)
-    try:
-        outcome = importer.import_file(path, store)
-    finally:
-        store.close()
-    count = getattr(outcome, "imported", outcome)
-    return count if isinstance(count, int) else None
-
-
 def _import_worker(path: str, url: str, engine_options: dict[str, Any], results: Any) -> None:
     import resource
 
-    importer = _load_importer()
-    assert importer is not None
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    began = time.perf_counter()
-    count = call_importer(importer, path, url, engine_options)
-    seconds = time.perf_counter() - began
+    store = IdempotencyStore.from_url(url, migrate=True, **engine_options)
+    try:
+        began = time.perf_counter()
+        count = import_file(store, path).inserted
+        seconds = time.perf_counter() - began
+    finally:
+        store.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     results.put((count, seconds, before * 1024, peak * 1024))
 
@@ -1418,7 +1356,7 @@ def write_json_file(path: Path, count: int) -> int:
     """A versioned Rust key file with ``count`` synthetic records; its size in bytes."""
     now = ops.now_ms()
     records = {
-        r["record_id"]: r for r in (record_json(synthetic_record(i, now)) for i in range(count))
+        r["record_id"]: r for r in (record_to_json(synthetic_record(i, now)) for i in range(count))
     }
     payload = json.dumps({"schema_version": 1, "records": records}, indent=2).encode()
     path.write_bytes(payload)
@@ -1426,9 +1364,6 @@ def write_json_file(path: Path, count: int) -> int:
 
 
 def bench_import(target: Target, settings: BenchSettings, result: BenchResult) -> None:
-    if _load_importer() is None:
-        result.skipped["import"] = "importer not available (idemstore.importer cannot be imported)"
-        return
     count = min(IMPORT_RECORDS, settings.records)
     directory = target.directory or Path(tempfile.mkdtemp(prefix="idemstore-bench-import-"))
     path = directory / "import.json"
