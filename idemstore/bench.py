@@ -47,7 +47,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
@@ -303,20 +303,8 @@ async def measure_chunk_async(
 def reserve_params(key: str, fingerprint: str, token: int) -> tuple[str, dict[str, Any]]:
     """The record id and the bind values of a reservation, exactly as :func:`ops.reserve`
     makes them."""
-    record_id = idempotency_record_id(TENANT, OPERATION, key)
-    now = ops.now_ms()
-    fresh = IdempotencyRecord(
-        record_id=record_id,
-        tenant_context=TENANT,
-        operation=OPERATION,
-        key=key,
-        owner=OWNER,
-        request_fingerprint=fingerprint,
-        status=RecordStatus.RESERVED,
-        first_seen_at_ms=now,
-        last_seen_at_ms=now,
-    )
-    return record_id, ops.record_params(fresh, token)
+    fresh = ops.fresh_record(TENANT, OPERATION, key, OWNER, fingerprint, ops.now_ms())
+    return fresh.record_id, ops.record_params(fresh, token)
 
 
 def complete_params(key: str) -> tuple[str, dict[str, Any]]:
@@ -583,32 +571,18 @@ def make_path(url: str) -> str:
 
 Runner = Callable[[int], object]
 AsyncRunner = Callable[[int], Awaitable[object]]
+W = TypeVar("W")
 
 
-def _sync_workloads(
-    reserve: Callable[[str, str], object],
-    complete: Callable[[str], object],
-    get: Callable[[str], object],
+def _workloads(
+    reserve: Callable[[str, str], W],
+    complete: Callable[[str], W],
+    get: Callable[[str], W],
     seeds: Sequence[str],
     tag: str,
-) -> dict[str, Runner]:
-    n = len(seeds)
-    return {
-        "reserve (fresh)": lambda i: reserve(f"{tag}-{i}", FINGERPRINT),
-        "reserve (duplicate)": lambda i: reserve(seeds[i % n], FINGERPRINT),
-        "reserve (conflict)": lambda i: reserve(seeds[i % n], OTHER_FINGERPRINT),
-        "complete": lambda i: complete(seeds[i % n]),
-        "get": lambda i: get(seeds[i % n]),
-    }
-
-
-def _async_workloads(
-    reserve: Callable[[str, str], Awaitable[object]],
-    complete: Callable[[str], Awaitable[object]],
-    get: Callable[[str], Awaitable[object]],
-    seeds: Sequence[str],
-    tag: str,
-) -> dict[str, AsyncRunner]:
+) -> dict[str, Callable[[int], W]]:
+    """The measured operations, by name, for a sync (W = object) or async (W = Awaitable)
+    store or driver."""
     n = len(seeds)
     return {
         "reserve (fresh)": lambda i: reserve(f"{tag}-{i}", FINGERPRINT),
@@ -636,13 +610,13 @@ def _store_async(store: AsyncIdempotencyStore) -> tuple[Any, Any, Any]:
 
 
 def _bare_workloads(bare: BareSync, seeds: Sequence[str]) -> Callable[[str], dict[str, Runner]]:
-    return lambda tag: _sync_workloads(bare.reserve, bare.complete, bare.get, seeds, tag)
+    return lambda tag: _workloads(bare.reserve, bare.complete, bare.get, seeds, tag)
 
 
 def _store_workloads(
     store: IdempotencyStore, seeds: Sequence[str]
 ) -> Callable[[str], dict[str, Runner]]:
-    return lambda tag: _sync_workloads(*_store_sync(store), seeds, tag)
+    return lambda tag: _workloads(*_store_sync(store), seeds, tag)
 
 
 @dataclass
@@ -751,23 +725,21 @@ def bench_ops(target: Target, settings: BenchSettings, result: BenchResult) -> N
                 Variant(
                     bare_name,
                     None,
-                    sync=lambda tag: _sync_workloads(
-                        bare.reserve, bare.complete, bare.get, seeds, tag
-                    ),
+                    sync=lambda tag: _workloads(bare.reserve, bare.complete, bare.get, seeds, tag),
                 )
             )
             variants.append(
                 Variant(
                     "idemstore sync",
                     bare_name,
-                    sync=lambda tag: _sync_workloads(*_store_sync(sync_store), seeds, tag),
+                    sync=lambda tag: _workloads(*_store_sync(sync_store), seeds, tag),
                 )
             )
             variants.append(
                 Variant(
                     "idemstore async",
                     bare_name,
-                    aio=lambda tag: _async_workloads(*_store_async(async_store), seeds, tag),
+                    aio=lambda tag: _workloads(*_store_async(async_store), seeds, tag),
                 )
             )
             # The same store on aiosqlite through SQLAlchemy's greenlet bridge, for reference.
@@ -776,7 +748,7 @@ def bench_ops(target: Target, settings: BenchSettings, result: BenchResult) -> N
                 Variant(
                     "idemstore async (aiosqlite, greenlet)",
                     bare_name,
-                    aio=lambda tag: _async_workloads(*_store_async(greenlet), seeds, tag),
+                    aio=lambda tag: _workloads(*_store_async(greenlet), seeds, tag),
                     workloads=("reserve (fresh)",),
                 )
             )
@@ -796,19 +768,17 @@ def bench_ops(target: Target, settings: BenchSettings, result: BenchResult) -> N
                 Variant(
                     "bare psycopg",
                     None,
-                    sync=lambda tag: _sync_workloads(
-                        bare.reserve, bare.complete, bare.get, seeds, tag
-                    ),
+                    sync=lambda tag: _workloads(bare.reserve, bare.complete, bare.get, seeds, tag),
                 ),
                 Variant(
                     "idemstore sync",
                     "bare psycopg",
-                    sync=lambda tag: _sync_workloads(*_store_sync(sync_store), seeds, tag),
+                    sync=lambda tag: _workloads(*_store_sync(sync_store), seeds, tag),
                 ),
                 Variant(
                     "bare asyncpg",
                     None,
-                    aio=lambda tag: _async_workloads(
+                    aio=lambda tag: _workloads(
                         lambda k, fp: bare_pg.reserve(conn, k, fp),
                         lambda k: bare_pg.complete(conn, k),
                         lambda k: bare_pg.get(conn, k),
@@ -819,7 +789,7 @@ def bench_ops(target: Target, settings: BenchSettings, result: BenchResult) -> N
                 Variant(
                     "idemstore async",
                     "bare asyncpg",
-                    aio=lambda tag: _async_workloads(*_store_async(async_store), seeds, tag),
+                    aio=lambda tag: _workloads(*_store_async(async_store), seeds, tag),
                 ),
             ]
         if extra_store is not None:

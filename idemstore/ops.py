@@ -438,6 +438,33 @@ def _tenant_params(tenant: TenantContext, record_id: str) -> dict[str, Any]:
 # -- operations -----------------------------------------------------------------------------
 
 
+def fresh_record(
+    tenant: TenantContext,
+    operation: str,
+    key: str,
+    owner: str,
+    request_fingerprint: str,
+    now: int,
+    *,
+    first_seen_event_id: str | None = None,
+    expires_at_ms: int | None = None,
+) -> IdempotencyRecord:
+    """The record a reservation writes when it creates a key (inputs already validated)."""
+    return IdempotencyRecord(
+        record_id=idempotency_record_id(tenant, operation, key),
+        tenant_context=tenant,
+        operation=operation,
+        key=key,
+        owner=owner,
+        request_fingerprint=request_fingerprint,
+        status=RecordStatus.RESERVED,
+        first_seen_at_ms=now,
+        last_seen_at_ms=now,
+        first_seen_event_id=first_seen_event_id,
+        expires_at_ms=expires_at_ms,
+    )
+
+
 def reserve(
     tenant: TenantContext,
     operation: str,
@@ -459,20 +486,17 @@ def reserve(
     if expires_at_ms is not None:
         _u64(expires_at_ms, "expires_at_ms")
     now = _now(now_ms)
-    record_id = idempotency_record_id(tenant, operation, key)
-    fresh = IdempotencyRecord(
-        record_id=record_id,
-        tenant_context=tenant,
-        operation=operation,
-        key=key,
-        owner=owner,
-        request_fingerprint=fingerprint,
-        status=RecordStatus.RESERVED,
-        first_seen_at_ms=now,
-        last_seen_at_ms=now,
+    fresh = fresh_record(
+        tenant,
+        operation,
+        key,
+        owner,
+        fingerprint,
+        now,
         first_seen_event_id=first_seen_event_id,
         expires_at_ms=expires_at_ms,
     )
+    record_id = fresh.record_id
 
     def run(d: Driver) -> Reservation:
         token = secrets.randbits(63)
@@ -771,6 +795,7 @@ __all__ = [
     "delete_records",
     "dump_details",
     "fetch_existing",
+    "fresh_record",
     "get",
     "insert_rows",
     "iter_records_in_id_order",
