@@ -2,23 +2,41 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable
+from typing import Any
 
 from .errors import InvalidInputError
 from .model import TenantContext
 
 
-def _length_prefixed_sha256(parts: Iterable[str]) -> str:
+def _update(hasher: Any, part: str) -> None:
+    """Hash one part as Rust does: its UTF-8 length (u64, big-endian), then its bytes."""
+    try:
+        data = part.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInputError(f"{part!r} is not valid Unicode (lone surrogate)") from None
+    hasher.update(len(data).to_bytes(8, "big") + data)
+
+
+@functools.lru_cache(maxsize=1024)
+def _prefix(org_id: str, workspace_id: str, deployment_id: str, operation: str) -> Any:
+    # Tenants and operations repeat; each record id then hashes only its key on a copy.
     hasher = hashlib.sha256()
-    for part in parts:
-        try:
-            data = part.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidInputError(f"{part!r} is not valid Unicode (lone surrogate)") from None
-        hasher.update(len(data).to_bytes(8, "big"))
-        hasher.update(data)
-    return hasher.hexdigest()
+    for part in (org_id, workspace_id, deployment_id, operation):
+        _update(hasher, part)
+    return hasher
+
+
+def record_id_from_parts(
+    org_id: str, workspace_id: str, deployment_id: str | None, operation: str, key: str
+) -> str:
+    """:func:`idempotency_record_id` from the tenant's parts."""
+    hasher = _prefix(org_id, workspace_id, deployment_id or "", operation).copy()
+    _update(hasher, key)
+    digest: str = hasher.hexdigest()
+    return "idem_" + digest
 
 
 def idempotency_record_id(tenant: TenantContext, operation: str, key: str) -> str:
@@ -27,17 +45,14 @@ def idempotency_record_id(tenant: TenantContext, operation: str, key: str) -> st
     Like the Rust function, it hashes ``operation`` and ``key`` as given; the store trims them
     before it calls this.
     """
-    return "idem_" + _length_prefixed_sha256(
-        (
-            tenant.org_id,
-            tenant.workspace_id,
-            tenant.deployment_id or "",
-            operation,
-            key,
-        )
+    return record_id_from_parts(
+        tenant.org_id, tenant.workspace_id, tenant.deployment_id, operation, key
     )
 
 
 def idempotency_fingerprint(parts: Iterable[str]) -> str:
     """``"sha256:" + hex`` of the length-prefixed SHA-256 over any number of parts."""
-    return "sha256:" + _length_prefixed_sha256(parts)
+    hasher = hashlib.sha256()
+    for part in parts:
+        _update(hasher, part)
+    return "sha256:" + hasher.hexdigest()

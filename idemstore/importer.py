@@ -22,7 +22,6 @@ The sync and async entry points run the same :func:`import_call` (one hop for as
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import secrets
@@ -39,6 +38,7 @@ import sqlalchemy as sa
 from . import jsonfile, ops
 from .dialects import Driver
 from .errors import FileFormatError, IdemstoreError
+from .ids import record_id_from_parts
 from .model import U64_MAX, RecordStatus, TenantSource
 from .store import IdempotencyStore
 
@@ -123,19 +123,6 @@ _OUTCOME_KEYS: Final = jsonfile._OUTCOME_FIELD_SET
 _STATUSES: Final = frozenset(s.value for s in RecordStatus)
 _SOURCES: Final = frozenset(s.value for s in TenantSource)
 _LEGACY_TENANT: Final = ("local", "default", None, "system", TenantSource.EXPLICIT.value)
-# ops.dump_details without the Python layers of json.dumps: the C encoder, made once
-# (compact, keys sorted, not ASCII-escaped, no NaN; no circular check: values come from JSON).
-_c_encoder: Final = json.encoder.c_make_encoder(  # type: ignore[attr-defined]
-    None, None, json.encoder.encode_basestring, None, ":", ",", True, False, False
-)
-
-
-def _dump_details(value: object) -> str:
-    if value is None:
-        return "null"
-    if type(value) is str:
-        return json.encoder.encode_basestring(value)
-    return "".join(_c_encoder(value, 0))
 
 
 class _Slow(Exception):
@@ -229,7 +216,7 @@ def _fast_row(d: Any) -> Row:
         ):
             raise _Slow
         completed -= _SHIFT
-        details = _dump_details(oc.get("details"))
+        details = ops.dump_details(oc.get("details"))
     else:
         raise _Slow
     return (
@@ -276,32 +263,6 @@ def _fingerprints(d: dict[str, Any]) -> tuple[str, ...]:
     return tuple(fps)
 
 
-def _length_prefixed(parts: Sequence[str]) -> bytes:
-    out = []
-    for part in parts:
-        data = part.encode("utf-8")
-        out.append(len(data).to_bytes(8, "big"))
-        out.append(data)
-    return b"".join(out)
-
-
-_prefix_hashes: dict[tuple[str, str, str | None, str], Any] = {}
-
-
-def _record_id(org: str, ws: str, dep: str | None, op: str, key: str) -> str:
-    """:func:`idemstore.ids.idempotency_record_id`; the hash state after tenant and operation
-    is kept per (tenant, operation), which repeat, so each record hashes only its key."""
-    prefix = _prefix_hashes.get((org, ws, dep, op))
-    if prefix is None:
-        prefix = hashlib.sha256(_length_prefixed((org, ws, dep or "", op)))
-        if len(_prefix_hashes) < 1024:
-            _prefix_hashes[(org, ws, dep, op)] = prefix
-    h = prefix.copy()
-    data = key.encode("utf-8")
-    h.update(len(data).to_bytes(8, "big") + data)
-    return "idem_" + h.hexdigest()
-
-
 class _Converter:
     """Turns each decoded record into ``(row without token, fingerprints)``, counting unknown
     fields and id mismatches into the report."""
@@ -337,7 +298,7 @@ class _Converter:
                         f"conflict_fingerprints[{i}]",
                     )
                 seen.add(fp)
-        computed = _record_id(row[2], row[3], row[4], row[7], row[8])
+        computed = record_id_from_parts(row[2], row[3], row[4], row[7], row[8])
         if row[0] != map_key or computed != map_key:
             self._mismatch(map_key, row[0], computed)
             row = (map_key, *row[1:])

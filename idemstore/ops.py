@@ -133,17 +133,40 @@ def _now(value: int | None) -> int:
     return now_ms() if value is None else _u64(value, "now_ms")
 
 
+#: Compact, keys sorted, non-ASCII kept, NaN refused: serde_json's form of a ``Value``.
+_DETAILS_ENCODER: Final = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+#: The same, as the C encoder made once (``json.dumps`` makes one per call, which costs as
+#: much as encoding a small object). No circular-reference bookkeeping: a cycle ends in a
+#: RecursionError, reported like any other value that is not JSON.
+def _not_json(value: object) -> None:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+_C_ENCODER: Final = (
+    json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+        None, _not_json, json.encoder.encode_basestring, None, ":", ",", True, False, False
+    )
+    if getattr(json.encoder, "c_make_encoder", None) is not None
+    else None
+)
+
+
 def dump_details(details: JSONValue) -> str:
     """Outcome details as stored: compact JSON, keys sorted (as serde_json writes them)."""
     try:
-        text = json.dumps(
-            details, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        )
-        return _unicode(text, "outcome details")
-    except InvalidInputError:
-        raise
-    except (TypeError, ValueError) as error:
+        if details is None:
+            text = "null"
+        elif type(details) is str:
+            text = json.encoder.encode_basestring(details)
+        elif _C_ENCODER is not None:
+            text = "".join(_C_ENCODER(details, 0))
+        else:  # pragma: no cover - CPython always has the C encoder
+            text = _DETAILS_ENCODER.encode(details)
+    except (TypeError, ValueError, RecursionError) as error:
         raise InvalidInputError(f"outcome details must be JSON-serialisable: {error}") from None
+    return _unicode(text, "outcome details")
 
 
 def _outcome(outcome: Outcome) -> Outcome:

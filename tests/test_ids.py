@@ -101,3 +101,15 @@ def test_lone_surrogate_is_invalid_input():
 
     with pytest.raises(InvalidInputError, match="lone surrogate"):
         idempotency_fingerprint(["ok", "\ud800"])
+
+
+def test_cached_tenant_prefix_gives_each_key_its_own_id():
+    # Ids share a hash of (org, workspace, deployment, operation); keys must not leak into it.
+    t = TenantContext("org-a", "workspace-a")
+    for _ in range(2):
+        assert idempotency_record_id(t, "outbox.send", "send-1") == (
+            "idem_bf68329c2948b819ff11c91b6c12c70559fca3c970675f11319047f792a17159"
+        )
+        assert idempotency_record_id(t, "outbox.send", "send-2") == (
+            "idem_b4b1d48578fc654ae1b391531151952d229d829b911855d7f67d9b65c4e73c6d"
+        )
