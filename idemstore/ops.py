@@ -137,6 +137,8 @@ def _now(value: int | None) -> int:
 _DETAILS_ENCODER: Final = json.JSONEncoder(
     sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
 )
+
+
 #: The same, as the C encoder made once (``json.dumps`` makes one per call, which costs as
 #: much as encoding a small object). No circular-reference bookkeeping: a cycle ends in a
 #: RecursionError, reported like any other value that is not JSON.
