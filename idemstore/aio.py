@@ -32,7 +32,7 @@ from ._runner import (
     run_owned,
     translated_errors,
 )
-from .config import DEFAULT_SYNCHRONOUS, create_async_engine, create_engine
+from .config import DEFAULT_SYNCHRONOUS, create_async_engine, create_engine, is_memory_sqlite
 from .dialects import DEFAULT_BUSY_TIMEOUT_MS
 from .errors import ConfigurationError
 from .model import IdempotencyRecord, Outcome, Reservation, TenantContext
@@ -194,7 +194,7 @@ class AsyncIdempotencyStore:
             )
             self._workers = _WorkerThreads(
                 self._sync_engine,
-                1 if engine.url.database in (None, "", ":memory:") else max_workers,
+                1 if is_memory_sqlite(engine.url) else max_workers,
                 busy_timeout_ms,
             )
         else:
@@ -275,9 +275,8 @@ class AsyncIdempotencyStore:
             if self._workers is not None:
                 return await self._workers.submit(self._workers.run_call, (call,))
             return await self._hop(run_owned, self._sync_engine, call, self._busy_timeout_ms)
-        if isinstance(connection, AsyncSession):
-            return await connection.run_sync(run_in_caller, call, self._busy_timeout_ms)
-        if isinstance(connection, AsyncConnection):
+        if isinstance(connection, AsyncConnection | AsyncSession):
+            # Both hand run_in_caller their sync Connection / Session.
             return await connection.run_sync(run_in_caller, call, self._busy_timeout_ms)
         raise TypeError(
             "connection must be a sqlalchemy AsyncConnection or AsyncSession "

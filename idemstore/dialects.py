@@ -104,6 +104,23 @@ def _flat_order(stmt: CompiledStatement) -> tuple[int, ...] | None:
     return found
 
 
+def _bound(stmt: CompiledStatement, params: Mapping[str, Any] | None) -> Any:
+    """``params`` (``p_*`` names) as the driver takes them for ``stmt``."""
+    if stmt.constants:
+        params = {**stmt.constants, **(params or {})}
+    if stmt.positional is not None:
+        return tuple(params[p] for p in stmt.positional) if params else ()
+    return params or {}
+
+
+def _flat_bound(stmt: CompiledStatement, values: Sequence[Any]) -> Any:
+    """``values`` of the binds ``v0``, ``v1``, ... as the driver takes them for ``stmt``."""
+    if stmt.positional is not None:
+        order = _flat_order(stmt)
+        return values if order is None else [values[i] for i in order]
+    return dict(zip(flat_names(len(values)), values, strict=True))
+
+
 def is_sqlite(dialect: Dialect) -> bool:
     return dialect.name == "sqlite"
 
@@ -128,13 +145,7 @@ class Driver:
         self, name: str, build: StatementBuilder, params: Mapping[str, Any] | None = None
     ) -> list[Row]:
         stmt = compile_statement(name, build, self.dialect)
-        bound: Any
-        if stmt.constants:
-            params = {**stmt.constants, **(params or {})}
-        if stmt.positional is not None:
-            bound = tuple(params[p] for p in stmt.positional) if params else ()
-        else:
-            bound = params or {}
+        bound = _bound(stmt, params)
         # One cursor for all the statements of this Driver (closed by close()): each result
         # is fetched whole before the next statement runs.
         cursor = self._cursor
@@ -153,12 +164,7 @@ class Driver:
         """Run a statement whose binds are named ``v0``, ``v1``, ... (a multi-row ``VALUES`` or
         ``IN`` list) with ``values`` in that order: no dict per row on positional drivers."""
         stmt = compile_statement(name, build, self.dialect)
-        bound: Any
-        if stmt.positional is not None:
-            order = _flat_order(stmt)
-            bound = values if order is None else [values[i] for i in order]
-        else:
-            bound = dict(zip(flat_names(len(values)), values, strict=True))
+        bound = _flat_bound(stmt, values)
         cursor = self.dbapi.cursor()
         try:
             cursor.execute(stmt.sql, bound)
@@ -175,13 +181,9 @@ class Driver:
         if not rows:
             return
         stmt = compile_statement(name, build, self.dialect)
-        bound: Any
-        if stmt.positional is not None:
-            order = _flat_order(stmt)
-            bound = rows if order is None else [[row[i] for i in order] for row in rows]
-        else:
-            names = flat_names(len(rows[0]))
-            bound = [dict(zip(names, row, strict=True)) for row in rows]
+        bound: Any = rows
+        if stmt.positional is None or _flat_order(stmt) is not None:
+            bound = [_flat_bound(stmt, row) for row in rows]
         cursor = self.dbapi.cursor()
         try:
             cursor.executemany(stmt.sql, bound)
@@ -231,13 +233,7 @@ class Driver:
         SQLite steps its cursor; PostgreSQL reads through a server-side cursor (``DECLARE``
         / ``FETCH``), which needs a transaction: the caller's or idemstore's own."""
         stmt = compile_statement(name, build, self.dialect)
-        if stmt.constants:
-            params = {**stmt.constants, **(params or {})}
-        bound: Any
-        if stmt.positional is not None:
-            bound = tuple(params[p] for p in stmt.positional) if params else ()
-        else:
-            bound = params or {}
+        bound = _bound(stmt, params)
         cursor = self.dbapi.cursor()
         try:
             if self._sqlite:

@@ -682,38 +682,23 @@ RECORD_COLUMNS: Final = tuple(R.c.keys())
 BULK_ROWS: Final = 500
 
 
-def _row_values(n: int, first: int = 0) -> list[dict[str, Any]]:
-    width = len(RECORD_COLUMNS)
-    rows = []
-    for i in range(n):
-        row: dict[str, Any] = {}
-        for j, name in enumerate(RECORD_COLUMNS):
-            bind: sa.BindParameter[Any] = sa.bindparam(f"v{first + i * width + j}")
-            if name == "outcome_details":
-                bind = sa.bindparam(bind.key, type_=sa.Text())
-                row[name] = sa.cast(bind, R.c.outcome_details.type)
-            else:
-                row[name] = bind
-        rows.append(row)
-    return rows
+def _build_bulk_insert(dialect: Dialect) -> ClauseElement:
+    """A one-row ``INSERT`` of a whole record row (binds ``v0``.. in column order), for
+    ``executemany``."""
+    values: dict[str, Any] = {}
+    for j, name in enumerate(RECORD_COLUMNS):
+        if name == "outcome_details":
+            values[name] = sa.cast(sa.bindparam(f"v{j}", type_=sa.Text()), R.c.outcome_details.type)
+        else:
+            values[name] = sa.bindparam(f"v{j}")
+    return insert_for(dialect)(R).values(values)
 
 
-def _bulk_insert_builder(n: int) -> Callable[[Dialect], ClauseElement]:
-    def build(dialect: Dialect) -> ClauseElement:
-        return insert_for(dialect)(R).values(_row_values(n))
-
-    return build
-
-
-def _bulk_fingerprints_builder(n: int) -> Callable[[Dialect], ClauseElement]:
-    def build(dialect: Dialect) -> ClauseElement:
-        values: list[dict[str, Any]] = [
-            {"record_id": sa.bindparam(f"v{2 * i}"), "fingerprint": sa.bindparam(f"v{2 * i + 1}")}
-            for i in range(n)
-        ]
-        return insert_for(dialect)(F).values(values)
-
-    return build
+def _build_bulk_fingerprint(dialect: Dialect) -> ClauseElement:
+    """A one-row ``INSERT`` of ``(record_id, fingerprint)`` (binds ``v0``, ``v1``)."""
+    return insert_for(dialect)(F).values(
+        record_id=sa.bindparam("v0"), fingerprint=sa.bindparam("v1")
+    )
 
 
 def _ids(n: int) -> list[sa.BindParameter[Any]]:
@@ -759,6 +744,17 @@ def _id_chunks(ids: Sequence[str]) -> list[list[str]]:
     return chunks
 
 
+def _fingerprints_of(d: Driver, ids: Sequence[str]) -> dict[str, list[str]]:
+    """Conflict fingerprints of the records with these ids, each list in first-seen order."""
+    fingerprints: dict[str, list[str]] = {}
+    for chunk in _id_chunks(ids):
+        for record_id, fingerprint in d.execute_flat(
+            "fingerprints_by_ids", _build_fingerprints_by_ids, chunk
+        ):
+            fingerprints.setdefault(record_id, []).append(fingerprint)
+    return fingerprints
+
+
 def fetch_existing(
     d: Driver, ids: Sequence[str]
 ) -> dict[str, tuple[tuple[Any, ...], tuple[str, ...]]]:
@@ -769,12 +765,7 @@ def fetch_existing(
             found[row[0]] = tuple(row)
     if not found:
         return {}
-    fingerprints: dict[str, list[str]] = {}
-    for chunk in _id_chunks(list(found)):
-        for record_id, fingerprint in d.execute_flat(
-            "fingerprints_by_ids", _build_fingerprints_by_ids, chunk
-        ):
-            fingerprints.setdefault(record_id, []).append(fingerprint)
+    fingerprints = _fingerprints_of(d, list(found))
     return {k: (row, tuple(fingerprints.get(k, ()))) for k, row in found.items()}
 
 
@@ -792,20 +783,14 @@ def insert_rows(
     ``COPY`` on PostgreSQL, the driver's ``executemany`` of a one-row ``INSERT`` otherwise
     (fingerprints always, so their identity column numbers them in order)."""
     if not d.copy_rows(R, rows):
-        d.executemany("bulk_insert", _bulk_insert_builder(1), rows)
-    d.executemany("bulk_fingerprints", _bulk_fingerprints_builder(1), fingerprints)
+        d.executemany("bulk_insert", _build_bulk_insert, rows)
+    d.executemany("bulk_fingerprints", _build_bulk_fingerprint, fingerprints)
 
 
 def iter_records_in_id_order(d: Driver, page_size: int = 1000) -> Iterator[IdempotencyRecord]:
     """Every record, in binary ``record_id`` order, streamed ``page_size`` rows at a time."""
     for page in d.stream("export", _build_export, size=page_size):
-        fingerprints: dict[str, list[str]] = {}
-        ids = [row[0] for row in page]
-        for chunk in _id_chunks(ids):
-            for record_id, fingerprint in d.execute_flat(
-                "fingerprints_by_ids", _build_fingerprints_by_ids, chunk
-            ):
-                fingerprints.setdefault(record_id, []).append(fingerprint)
+        fingerprints = _fingerprints_of(d, [row[0] for row in page])
         for row in page:
             yield record_from_row(row, fingerprints.get(row[0], ()))
 
