@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import Insert
@@ -32,9 +31,14 @@ Row = Sequence[Any]
 
 def insert_for(dialect: Dialect) -> Callable[[sa.Table], Insert]:
     """The dialect's ``INSERT`` construct that knows ``ON CONFLICT``."""
+    # Imported here: the engine has loaded its own dialect's package, and only that one.
     if dialect.name == "sqlite":
+        from sqlalchemy.dialects import sqlite
+
         return sqlite.insert
     if dialect.name == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
         return postgresql.insert
     raise ConfigurationError(
         f"idemstore supports SQLite and PostgreSQL, not {dialect.name!r} ({dialect.driver})"

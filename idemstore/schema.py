@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any, Final
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 
 from .model import U64_MAX
@@ -90,10 +89,9 @@ records = sa.Table(
     sa.Column("outcome_secondary_ref_id", sa.String, nullable=True),
     # JSON exactly as written (compact, keys sorted): TEXT on SQLite (a column declared JSON
     # there has NUMERIC affinity and would turn "1.50" into 1.5), JSON on PostgreSQL (which
-    # keeps the text as given, unlike JSONB).
-    sa.Column(
-        "outcome_details", sa.Text().with_variant(postgresql.JSON(), "postgresql"), nullable=True
-    ),
+    # keeps the text as given, unlike JSONB). The generic sa.JSON: PostgreSQL's dialect maps
+    # it to its own JSON, and importing that dialect here would cost every SQLite user.
+    sa.Column("outcome_details", sa.Text().with_variant(sa.JSON(), "postgresql"), nullable=True),
     sa.Column("conflict_count", UInt64, nullable=False),
     # Random per reservation: tells the caller whose upsert created the current generation,
     # so Reserved vs Duplicate is exact even within one millisecond.
