@@ -4,14 +4,14 @@ caller's. Synchronous; the async store reaches it in one hop per operation."""
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import Session
 
 from . import ops
 from .config import safe_url
@@ -19,11 +19,14 @@ from .dialects import Driver, is_lock_timeout, is_nul_in_text, lock_timeout_erro
 from .errors import InvalidInputError, SchemaNotReadyError
 from .schema import SCHEMA_REVISION
 
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    SyncConnectionLike: TypeAlias = sa.Connection | Session
+
 T = TypeVar("T")
 
 logger = logging.getLogger("idemstore")
-
-SyncConnectionLike = sa.Connection | Session
 
 
 @contextmanager
@@ -73,9 +76,15 @@ def run_owned(engine: sa.Engine, call: ops.Call[T], busy_timeout_ms: int | None)
             pooled.close()
 
 
+def _is_session(connection: object) -> TypeGuard[Session]:
+    # Whoever holds a Session has imported sqlalchemy.orm; the store itself never needs it.
+    orm = sys.modules.get("sqlalchemy.orm")
+    return orm is not None and isinstance(connection, orm.Session)
+
+
 def sync_connection(connection: SyncConnectionLike) -> sa.Connection:
     """The SQLAlchemy Connection behind a caller's Connection or Session, in a transaction."""
-    if isinstance(connection, Session):
+    if _is_session(connection):
         return connection.connection()
     if isinstance(connection, sa.Connection):
         if not connection.in_transaction():

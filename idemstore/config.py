@@ -8,17 +8,18 @@ URL serves the sync and the async store: the driver is swapped to the matching o
 from __future__ import annotations
 
 import os
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
-from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from .dialects import DEFAULT_BUSY_TIMEOUT_MS, install_sqlite_listeners
 from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 ENV_VAR: Final = "IDEMSTORE_DATABASE_URL"
 DEFAULT_URL: Final = "sqlite:///idemstore.db"
@@ -132,6 +133,9 @@ def create_async_engine(
     **engine_options: Any,
 ) -> AsyncEngine:
     """An asyncio engine with idemstore's settings (see :func:`create_engine`)."""
+    # Imported here: it brings asyncio and sqlalchemy.orm, which the sync store never needs.
+    from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine
+
     resolved = async_url(url)
     if resolved.get_backend_name() == "sqlite":
         engine = sa_create_async_engine(resolved, **_sqlite_options(resolved, engine_options))

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL
 
 from . import ops
-from ._runner import SchemaGate, SyncConnectionLike, run_in_caller, run_owned
+from ._runner import SchemaGate, run_in_caller, run_owned
 from .config import DEFAULT_SYNCHRONOUS, create_engine
 from .dialects import DEFAULT_BUSY_TIMEOUT_MS
 from .migrate import upgrade
 from .model import IdempotencyRecord, Outcome, Reservation, TenantContext
+
+if TYPE_CHECKING:
+    from ._runner import SyncConnectionLike
 
 T = TypeVar("T")
 
