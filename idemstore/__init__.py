@@ -1,38 +1,79 @@
-"""idemstore: idempotency keys in SQL (SQLite and PostgreSQL) through SQLAlchemy 2."""
+"""idemstore: idempotency keys in SQL (SQLite and PostgreSQL) through SQLAlchemy 2.
 
-from .aio import AsyncIdempotencyStore
-from .config import create_async_engine, create_engine
-from .errors import (
-    ConfigurationError,
-    FileFormatError,
-    IdemstoreError,
-    InvalidInputError,
-    LockTimeoutError,
-    SchemaNotReadyError,
-)
-from .ids import idempotency_fingerprint, idempotency_record_id
-from .importer import (
-    ImportReport,
-    export_file,
-    export_file_async,
-    import_file,
-    import_file_async,
-)
-from .model import (
-    Conflict,
-    Duplicate,
-    IdempotencyRecord,
-    Outcome,
-    RecordStatus,
-    Reservation,
-    Reserved,
-    TenantContext,
-    TenantSource,
-)
-from .ops import Stats
-from .store import IdempotencyStore
+The public names are imported on first use (PEP 562), so ``import idemstore.model`` (or the
+JSON file reader) does not pay for SQLAlchemy, Alembic or asyncio.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .aio import AsyncIdempotencyStore
+    from .config import create_async_engine, create_engine
+    from .errors import (
+        ConfigurationError,
+        FileFormatError,
+        IdemstoreError,
+        InvalidInputError,
+        LockTimeoutError,
+        SchemaNotReadyError,
+    )
+    from .ids import idempotency_fingerprint, idempotency_record_id
+    from .importer import (
+        ImportReport,
+        export_file,
+        export_file_async,
+        import_file,
+        import_file_async,
+    )
+    from .model import (
+        Conflict,
+        Duplicate,
+        IdempotencyRecord,
+        Outcome,
+        RecordStatus,
+        Reservation,
+        Reserved,
+        TenantContext,
+        TenantSource,
+    )
+    from .ops import Stats
+    from .store import IdempotencyStore
 
 __version__ = "0.1.0"
+
+#: Public name -> the submodule that defines it.
+_SOURCES: dict[str, str] = {
+    "AsyncIdempotencyStore": "aio",
+    "create_async_engine": "config",
+    "create_engine": "config",
+    "ConfigurationError": "errors",
+    "FileFormatError": "errors",
+    "IdemstoreError": "errors",
+    "InvalidInputError": "errors",
+    "LockTimeoutError": "errors",
+    "SchemaNotReadyError": "errors",
+    "idempotency_fingerprint": "ids",
+    "idempotency_record_id": "ids",
+    "ImportReport": "importer",
+    "export_file": "importer",
+    "export_file_async": "importer",
+    "import_file": "importer",
+    "import_file_async": "importer",
+    "Conflict": "model",
+    "Duplicate": "model",
+    "IdempotencyRecord": "model",
+    "Outcome": "model",
+    "RecordStatus": "model",
+    "Reservation": "model",
+    "Reserved": "model",
+    "TenantContext": "model",
+    "TenantSource": "model",
+    "Stats": "ops",
+    "IdempotencyStore": "store",
+}
 
 __all__ = [
     "AsyncIdempotencyStore",
@@ -63,3 +104,16 @@ __all__ = [
     "import_file",
     "import_file_async",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    source = _SOURCES.get(name)
+    if source is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{source}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
