@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -30,6 +31,29 @@ from .model import IdempotencyRecord, RecordStatus, TenantContext, TenantSource
 from .store import IdempotencyStore
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    """A subcommand's parser that may take its arguments only when it is chosen
+    (``populate``), so that the module defining them, and what that module imports, loads
+    only for that subcommand."""
+
+    def __init__(
+        self,
+        *args: Any,
+        populate: Callable[[argparse.ArgumentParser], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._populate = populate
+
+    def parse_known_args(  # type: ignore[override]  # one signature for the overloads
+        self, args: Sequence[str] | None = None, namespace: Any = None
+    ) -> tuple[Any, list[str]]:
+        populate, self._populate = self._populate, None
+        if populate is not None:
+            populate(self)
+        return super().parse_known_args(args, namespace)
 
 
 def record_as_json(record: IdempotencyRecord) -> dict[str, Any]:
@@ -156,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"database URL (default: ${ENV_VAR}, else sqlite:///idemstore.db)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     migrate = commands.add_parser("migrate", help="create or upgrade the schema (to head)")
     migrate.set_defaults(handler=cmd_migrate)
@@ -199,10 +225,15 @@ def _optional_module(name: str) -> Any:
 
 
 def _extension_bench(commands: Any) -> None:
-    bench = _optional_module("bench")
-    if bench is None:
+    # Its options are added when ``bench`` is chosen: idemstore.bench imports the async store
+    # (asyncio, sqlalchemy.ext.asyncio, sqlalchemy.orm), multiprocessing and more.
+    if importlib.util.find_spec("idemstore.bench") is None:  # pragma: no cover - it ships
         return
-    parser = commands.add_parser("bench", help="measure the store against its limits")
+    commands.add_parser("bench", help="measure the store against its limits", populate=_bench)
+
+
+def _bench(parser: argparse.ArgumentParser) -> None:
+    bench = importlib.import_module("idemstore.bench")
     bench.add_arguments(parser)
     parser.set_defaults(handler=bench.run)
 

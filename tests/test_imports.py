@@ -76,9 +76,23 @@ def test_sync_sqlite_path_leaves_heavy_modules_alone(tmp_path: Path):
         idemstore.export_file(store, path)
     code = f"""
         from idemstore import IdempotencyStore, TenantContext, import_file
+        from idemstore.cli import main
 
         with IdempotencyStore.from_url({url!r}) as store:
             store.reserve(TenantContext.local_implicit(), "op", "k", "o", "fp")
             import_file(store, {str(path)!r})
+        for argv in (["stats"], ["get", "op", "k"], ["import", {str(path)!r}]):
+            assert main(["--database-url", {url!r}, *argv]) == 0
+    """
+    assert _loaded_after(code, HEAVY) == []
+
+
+def test_cli_help_leaves_the_bench_alone():
+    code = """
+        from idemstore.cli import main
+        try:
+            main(["--help"])
+        except SystemExit:
+            pass
     """
     assert _loaded_after(code, HEAVY) == []
