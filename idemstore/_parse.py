@@ -1,0 +1,449 @@
+"""A JSON key file as batches of database rows, parsed here or in a worker process.
+
+The importer inserts rows while the file is still being parsed: with ``worker=True`` the
+parsing (JSON decoding, validation, record ids) runs in a child process, which sends the
+batches back through a pipe, pickled. Both processes then
+keep a core busy: the child with the file, the importer with the database. The child
+(:func:`worker_main`, started as ``python -c``) runs the
+very code the in-process path runs (:class:`FileParse`), imports no database module and never
+touches the database, so the transaction, its locks and its rollback stay in the importer.
+
+Errors cross the pipe as data and are raised again in the importer as the same
+:class:`~idemstore.errors.FileFormatError` (message, file, record, field, line). A child that
+dies (killed, out of memory) makes the import fail, and the transaction roll back; an importer
+that dies closes the pipe, and the child ends at its next write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import pickle
+import re
+import selectors
+import subprocess
+import sys
+import tempfile
+import traceback
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, NoReturn
+
+from . import jsonfile
+from ._rows import REPORT_LIST_LIMIT, Converted, Converter, IdMismatch, gc_paused
+from .errors import FileFormatError, IdemstoreError
+
+__all__ = ["FileParse", "ParseSummary", "PartsFailed", "WorkerParse", "open_parse", "split_points"]
+
+logger = logging.getLogger("idemstore.import")
+
+#: Pipe capacity asked for (Linux ``F_SETPIPE_SZ``): one batch or so in flight.
+_PIPE_BYTES: Final = 1 << 20
+
+
+@dataclass(slots=True)
+class ParseSummary:
+    """What the parse found besides the rows (known once every batch has been read)."""
+
+    form: str
+    records_with_unknown_fields: int = 0
+    #: Unknown field path -> how many records had it (top-level file fields: ``<file>.name``).
+    unknown_fields: dict[str, int] = field(default_factory=dict)
+    id_mismatches: int = 0
+    mismatches: list[IdMismatch] = field(default_factory=list)
+
+
+def _open_reader(path: str, start: int, stop: int | None) -> jsonfile.RecordReader:
+    try:
+        return jsonfile.RecordReader(path, start=start, stop=stop)
+    except OSError as error:
+        raise FileFormatError(f"cannot read the file: {error.strerror}", path=path) from None
+
+
+class FileParse:
+    """The file (or the part ``start``..``stop`` of its records, see
+    :class:`~idemstore.jsonfile.RecordReader`) parsed in this process: iterate for
+    ``(items, bytes_read)`` batches of at most ``batch_records`` records, then read
+    :meth:`summary`. Close it (or use ``with``)."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        strict: bool,
+        batch_records: int,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> None:
+        self.path = path
+        self._batch = batch_records
+        self._convert = Converter(strict=strict)
+        self._reader = _open_reader(path, start, stop)
+        self.form: str = self._reader.header.form
+
+    def __enter__(self) -> FileParse:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def __iter__(self) -> Iterator[tuple[list[Converted], int]]:
+        reader, size = self._reader, self._batch
+        batch: list[Converted] = []
+        convert = self._convert
+        for item in reader.convert_each(convert, convert.chunk):
+            batch.append(item)
+            if len(batch) >= size:
+                yield batch, reader.bytes_read
+                batch = []
+        if batch:
+            yield batch, reader.bytes_read
+
+    def summary(self) -> ParseSummary:
+        convert, header = self._convert, self._reader.header
+        unknown = dict(sorted(convert.unknown.items()))
+        for name in header.unknown_fields:
+            unknown[f"<file>.{name}"] = 1
+        return ParseSummary(
+            form=header.form,
+            records_with_unknown_fields=convert.records_with_unknown_fields,
+            unknown_fields=unknown,
+            id_mismatches=convert.id_mismatches,
+            mismatches=list(convert.mismatches),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Parts of a file
+
+#: The start of a versioned file as Rust writes it, up to the brace that opens ``records``.
+_RUST_PREFIX: Final = re.compile(rb'\{\n  "schema_version": 1,\n  "records": \{(?=\n    ")')
+#: Between two records of such a file: the comma at offset len(b"\n    }").
+_RUST_BETWEEN: Final = b'\n    },\n    "'
+_SPLIT_WINDOW: Final = 1 << 20
+
+
+def split_points(path: str, parts: int) -> list[int] | None:
+    """Byte offsets that cut the records of a file Rust wrote into ``parts`` parts of about the
+    same size: the first just inside ``records``, then the comma after a record for each later
+    part. None if the file does not start as Rust writes it or no cut is found.
+
+    A newline cannot occur inside a JSON string, so each cut is where an object ends at the
+    indent of a record; the reader of the part before it proves that it is a record's end.
+    """
+    with open(path, "rb") as f:
+        m = _RUST_PREFIX.match(f.read(256))
+        if m is None:
+            return None
+        size = os.fstat(f.fileno()).st_size
+        points = [m.end()]
+        for k in range(1, parts):
+            target = points[0] + (size - points[0]) * k // parts
+            if target <= points[-1]:
+                return None
+            f.seek(target)
+            at = f.read(_SPLIT_WINDOW).find(_RUST_BETWEEN)
+            if at == -1:
+                return None
+            cut = target + at + len(b"\n    }")
+            if cut <= points[-1]:
+                return None
+            points.append(cut)
+    return points
+
+
+# --------------------------------------------------------------------------------------------
+# The worker processes
+
+_HELLO: Final = "idemstore-parse-1"
+_WORKER_CODE: Final = (
+    "import sys; from idemstore._parse import worker_main; sys.exit(worker_main())"
+)
+
+
+def _error_message(error: BaseException) -> tuple[str, Any]:
+    if isinstance(error, FileFormatError):
+        return "format", (error.reason, error.path, error.record_id, error.field, error.line)
+    if isinstance(error, IdemstoreError):
+        return "idemstore", (type(error).__name__, str(error))
+    return "crash", "".join(traceback.format_exception(error))
+
+
+def worker_main(argv: Sequence[str] | None = None) -> int:
+    """A worker: ``PATH [--strict] [--batch N] [--start B --stop B]``; pickled messages on
+    stdout: a greeting with the file's form, the batches, then the summary or an error."""
+    parser = argparse.ArgumentParser(prog="idemstore-parse-worker")
+    parser.add_argument("path")
+    parser.add_argument("--strict", action="store_true")
+    parser.add_argument("--batch", type=int, default=2000)
+    parser.add_argument("--start", type=int, default=0)
+    parser.add_argument("--stop", type=int, default=None)
+    args = parser.parse_args(argv)
+    out = sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing else may write into the pipe
+
+    def send(message: tuple[Any, ...]) -> None:
+        pickle.dump(message, out, protocol=pickle.HIGHEST_PROTOCOL)
+        out.flush()
+
+    try:
+        with (
+            gc_paused(),
+            FileParse(
+                args.path,
+                strict=args.strict,
+                batch_records=args.batch,
+                start=args.start,
+                stop=args.stop,
+            ) as parse,
+        ):
+            send((_HELLO, parse.form))
+            for batch in parse:
+                send(("batch", *batch))
+            send(("done", parse.summary()))
+    except BrokenPipeError:
+        return 1  # the importer is gone: nothing to tell anyone
+    except BaseException as error:
+        try:
+            send(("error", *_error_message(error)))
+        except BrokenPipeError:
+            return 1
+        return 1
+    return 0
+
+
+class PartsFailed(IdemstoreError):
+    """A worker reading one part of the file failed: the importer reads the whole file itself
+    instead (which reports the first error in file order, if the file has one)."""
+
+
+def _raise_from(kind: str, payload: Any) -> NoReturn:
+    if kind == "format":
+        reason, path, record_id, field_name, line = payload
+        raise FileFormatError(reason, path=path, record_id=record_id, field=field_name, line=line)
+    if kind == "idemstore":
+        raise IdemstoreError(f"{payload[0]}: {payload[1]}")
+    raise IdemstoreError(f"the parse worker failed:\n{payload}")
+
+
+class _Worker:
+    """One worker process and the read end of its pipe."""
+
+    def __init__(self, path: str, args: list[str]) -> None:
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (package_root, env.get("PYTHONPATH", "")) if p
+        )
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _WORKER_CODE, path, *args],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=self.stderr,
+                env=env,
+            )
+        except BaseException:
+            self.stderr.close()
+            raise
+        assert self.proc.stdout is not None
+        self.pipe = self.proc.stdout
+        self.done = False
+        self.bytes_read = 0
+        if sys.platform == "linux":
+            with contextlib.suppress(OSError):
+                import fcntl
+
+                fcntl.fcntl(self.pipe.fileno(), 1031, _PIPE_BYTES)  # F_SETPIPE_SZ
+
+    def read(self) -> tuple[Any, ...] | None:
+        """The next message; None at end of pipe or if it is not one of ours."""
+        try:
+            message: tuple[Any, ...] = pickle.load(self.pipe)
+        except EOFError:
+            return None
+        except Exception:  # not our protocol (something else wrote to the pipe)
+            return None
+        return message
+
+    def stderr_text(self) -> str:
+        with contextlib.suppress(OSError, ValueError):
+            self.stderr.seek(0)
+            return self.stderr.read().decode("utf-8", "replace")[-4000:]
+        return ""
+
+    def ended_early(self, path: str) -> IdemstoreError:
+        self.proc.wait()
+        return IdemstoreError(
+            f"the parse worker for {path} ended early (exit status {self.proc.returncode}); "
+            f"nothing was imported from it\n{self.stderr_text()}".rstrip()
+        )
+
+    def close(self) -> None:
+        """Reap the worker (killed unless it has sent everything)."""
+        proc = self.proc
+        if self.done:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+        if proc.poll() is None:
+            proc.kill()
+        with contextlib.suppress(OSError):
+            self.pipe.close()
+        proc.wait()
+        self.stderr.close()
+
+
+class WorkerParse:
+    """:class:`FileParse` run by worker processes, one per part of the file (same interface).
+
+    With one worker, its error is raised as it is. With several, a failure of any (or a record
+    id found in two parts) raises :class:`PartsFailed`: which error comes first in the file is
+    then found by reading the whole file in order.
+    """
+
+    def __init__(self, path: str, workers: list[_Worker], starts: list[int]) -> None:
+        self.path = path
+        self._workers = workers
+        self._starts = starts
+        self._summaries: list[ParseSummary | None] = [None] * len(workers)
+        self.form = ""
+
+    @classmethod
+    def start(
+        cls, path: str, *, strict: bool, batch_records: int, workers: int
+    ) -> WorkerParse | None:
+        """Start the workers (one per part, fewer if the file cannot be cut) and read their
+        greetings; None if no worker can run here (the caller parses in-process instead). With
+        one worker, a file error found at open is raised."""
+        # Several parts need selectors over pipes (not on Windows).
+        points = split_points(path, workers) if workers > 1 and os.name != "nt" else None
+        common = ["--batch", str(batch_records), *(["--strict"] if strict else [])]
+        if points is None:
+            ranges: list[tuple[int, int | None]] = [(0, None)]
+        else:
+            ranges = list(zip(points, [*points[1:], None], strict=True))
+        started: list[_Worker] = []
+        try:
+            for start, stop in ranges:
+                part = [] if start == 0 else ["--start", str(start)]
+                if stop is not None:
+                    part += ["--stop", str(stop)]
+                started.append(_Worker(path, common + part))
+        except OSError as error:
+            for w in started:
+                w.close()
+            logger.warning("cannot start a parse worker (%s): parsing in-process", error)
+            return None
+        self = cls(path, started, [start for start, _ in ranges])
+        for w in started:
+            first = w.read()
+            if first is not None and first[0] == "error" and len(started) == 1:
+                self.close()
+                _raise_from(first[1], first[2])
+            if first is None or first[0] != _HELLO:
+                detail = w.stderr_text()
+                self.close()
+                if first is not None and first[0] == "error":
+                    raise PartsFailed(f"a parse worker failed at open: {first[1:]}")
+                logger.warning("a parse worker did not start: parsing in-process\n%s", detail)
+                return None
+            self.form = first[1]
+        return self
+
+    def __enter__(self) -> WorkerParse:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _failed(self, worker: _Worker, message: tuple[Any, ...] | None) -> NoReturn:
+        single = len(self._workers) == 1
+        if message is None:
+            error = worker.ended_early(self.path)
+            if single:
+                raise error
+            raise PartsFailed(str(error))
+        if single:
+            _raise_from(message[1], message[2])
+        raise PartsFailed(f"a parse worker refused its part: {message[1:]}")
+
+    def __iter__(self) -> Iterator[tuple[list[Converted], int]]:
+        workers = self._workers
+        if len(workers) == 1:
+            ready: Any = None
+        else:
+            ready = selectors.DefaultSelector()
+            for i, w in enumerate(workers):
+                ready.register(w.pipe, selectors.EVENT_READ, i)
+        ids: set[str] | None = set() if len(workers) > 1 else None
+        live = len(workers)
+        try:
+            while live:
+                events = [(None, 0)] if ready is None else ready.select()
+                for key, _ in events:
+                    i = 0 if key is None else key.data
+                    w = workers[i]
+                    message = w.read()
+                    if message is None or message[0] == "error":
+                        self._failed(w, message)
+                    if message[0] == "done":
+                        self._summaries[i] = message[1]
+                        w.done = True
+                        live -= 1
+                        if ready is not None:
+                            ready.unregister(w.pipe)
+                        continue
+                    _, batch, bytes_read = message
+                    if ids is not None:
+                        before = len(ids)
+                        ids.update([row[0] for row, _fps in batch])
+                        if len(ids) != before + len(batch):
+                            raise PartsFailed("a record id appears in two parts of the file")
+                    w.bytes_read = bytes_read - self._starts[i]
+                    yield batch, sum(x.bytes_read for x in workers)
+        finally:
+            if ready is not None:
+                ready.close()
+
+    def summary(self) -> ParseSummary:
+        parts = self._summaries
+        assert all(p is not None for p in parts), "summary() before the last batch"
+        if len(parts) == 1:
+            assert parts[0] is not None
+            return parts[0]
+        merged = ParseSummary(form=self.form)
+        unknown: Counter[str] = Counter()
+        for part in parts:
+            assert part is not None
+            merged.records_with_unknown_fields += part.records_with_unknown_fields
+            unknown.update(part.unknown_fields)
+            merged.id_mismatches += part.id_mismatches
+            merged.mismatches.extend(part.mismatches)
+        merged.unknown_fields = dict(sorted(unknown.items()))
+        del merged.mismatches[REPORT_LIST_LIMIT:]
+        return merged
+
+    def close(self) -> None:
+        for w in self._workers:
+            w.close()
+
+
+def open_parse(
+    path: str, *, strict: bool, batch_records: int, workers: int
+) -> FileParse | WorkerParse:
+    """The file's parse: in this process (``workers=0``) or by worker processes, one per part
+    of the file (if it can be cut; else one), in this process if none can start."""
+    if workers > 0:
+        started = WorkerParse.start(
+            path, strict=strict, batch_records=batch_records, workers=workers
+        )
+        if started is not None:
+            return started
+    return FileParse(path, strict=strict, batch_records=batch_records)
