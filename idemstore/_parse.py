@@ -2,7 +2,9 @@
 
 The importer inserts rows while the file is still being parsed: with ``worker=True`` the
 parsing (JSON decoding, validation, record ids) runs in a child process, which sends the
-batches back through a pipe, pickled. Both processes then
+batches back through a pipe, as ``marshal`` data (parent and child run the same interpreter;
+marshal writes and reads these tuples of strings and integers several times faster than
+pickle). Both processes then
 keep a core busy: the child with the file, the importer with the database. The child
 (:func:`worker_main`, started as ``python -c``) runs the
 very code the in-process path runs (:class:`FileParse`), imports no database module and never
@@ -19,13 +21,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import marshal
 import os
-import pickle
+import queue
 import re
 import selectors
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import traceback
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -33,15 +38,33 @@ from dataclasses import dataclass, field
 from typing import Any, Final, NoReturn
 
 from . import jsonfile
-from ._rows import REPORT_LIST_LIMIT, Converted, Converter, IdMismatch, gc_paused
+from ._rows import REPORT_LIST_LIMIT, Converter, IdMismatch, gc_paused
 from .errors import FileFormatError, IdemstoreError
 
-__all__ = ["FileParse", "ParseSummary", "PartsFailed", "WorkerParse", "open_parse", "split_points"]
+__all__ = [
+    "BATCH_RECORDS",
+    "MAX_WORKERS",
+    "WORKER_MIN_BYTES",
+    "FileParse",
+    "ParseSummary",
+    "PartsFailed",
+    "WorkerParse",
+    "default_workers",
+    "open_parse",
+    "prestart",
+    "split_points",
+]
 
 logger = logging.getLogger("idemstore.import")
 
 #: Pipe capacity asked for (Linux ``F_SETPIPE_SZ``): one batch or so in flight.
 _PIPE_BYTES: Final = 1 << 20
+#: Records per batch (what the importer compares and inserts at once).
+BATCH_RECORDS: Final = 2000
+#: Files at least this big are parsed by worker processes unless told otherwise.
+WORKER_MIN_BYTES: Final = 8 << 20
+#: At most this many parse workers unless told otherwise.
+MAX_WORKERS: Final = 4
 
 
 @dataclass(slots=True)
@@ -55,6 +78,23 @@ class ParseSummary:
     id_mismatches: int = 0
     mismatches: list[IdMismatch] = field(default_factory=list)
 
+    def as_tuple(self) -> tuple[Any, ...]:
+        """As plain values (for the pipe)."""
+        return (
+            self.form,
+            self.records_with_unknown_fields,
+            self.unknown_fields,
+            self.id_mismatches,
+            [(m.map_key, m.record_id, m.computed_id) for m in self.mismatches],
+        )
+
+    @classmethod
+    def from_tuple(cls, values: tuple[Any, ...]) -> ParseSummary:
+        form, with_unknown, unknown, mismatch_count, mismatches = values
+        return cls(
+            form, with_unknown, unknown, mismatch_count, [IdMismatch(*m) for m in mismatches]
+        )
+
 
 def _open_reader(path: str, start: int, stop: int | None) -> jsonfile.RecordReader:
     try:
@@ -63,11 +103,17 @@ def _open_reader(path: str, start: int, stop: int | None) -> jsonfile.RecordRead
         raise FileFormatError(f"cannot read the file: {error.strerror}", path=path) from None
 
 
+Row = tuple[Any, ...]
+#: At most ``batch_records`` rows (token last), the ``(record_id, fingerprint)`` pairs of their
+#: conflict fingerprints (each record's in first-seen order), and how far into the file the
+#: parse has got, in bytes.
+Batch = tuple[list[Row], list[tuple[str, str]], int]
+
+
 class FileParse:
     """The file (or the part ``start``..``stop`` of its records, see
     :class:`~idemstore.jsonfile.RecordReader`) parsed in this process: iterate for
-    ``(items, bytes_read)`` batches of at most ``batch_records`` records, then read
-    :meth:`summary`. Close it (or use ``with``)."""
+    :data:`Batch` es, then read :meth:`summary`. Close it (or use ``with``)."""
 
     def __init__(
         self,
@@ -93,17 +139,22 @@ class FileParse:
     def close(self) -> None:
         self._reader.close()
 
-    def __iter__(self) -> Iterator[tuple[list[Converted], int]]:
+    def __iter__(self) -> Iterator[Batch]:
         reader, size = self._reader, self._batch
-        batch: list[Converted] = []
+        rows: list[Row] = []
+        fingerprints: list[tuple[str, str]] = []
         convert = self._convert
-        for item in reader.convert_each(convert, convert.chunk):
-            batch.append(item)
-            if len(batch) >= size:
-                yield batch, reader.bytes_read
-                batch = []
-        if batch:
-            yield batch, reader.bytes_read
+        for row, fps in reader.convert_each(convert, convert.chunk):
+            rows.append(row)
+            if fps:
+                record_id = row[0]
+                fingerprints.extend([(record_id, fp) for fp in fps])
+            if len(rows) >= size:
+                yield rows, fingerprints, reader.bytes_read
+                rows = []
+                fingerprints = []
+        if rows:
+            yield rows, fingerprints, reader.bytes_read
 
     def summary(self) -> ParseSummary:
         convert, header = self._convert, self._reader.header
@@ -167,6 +218,12 @@ _WORKER_CODE: Final = (
 )
 
 
+#: A message on the pipe: its length, then its marshal data.
+_HEADER: Final = struct.Struct("<Q")
+#: Messages a worker may have parsed ahead of what the importer has read.
+_AHEAD: Final = 16
+
+
 def _error_message(error: BaseException) -> tuple[str, Any]:
     if isinstance(error, FileFormatError):
         return "format", (error.reason, error.path, error.record_id, error.field, error.line)
@@ -176,8 +233,9 @@ def _error_message(error: BaseException) -> tuple[str, Any]:
 
 
 def worker_main(argv: Sequence[str] | None = None) -> int:
-    """A worker: ``PATH [--strict] [--batch N] [--start B --stop B]``; pickled messages on
-    stdout: a greeting with the file's form, the batches, then the summary or an error."""
+    """A worker: ``PATH [--strict] [--batch N] [--start B --stop B]``; messages on stdout
+    (:func:`_send`): a greeting with the file's form, the batches, then the summary or an
+    error."""
     parser = argparse.ArgumentParser(prog="idemstore-parse-worker")
     parser.add_argument("path")
     parser.add_argument("--strict", action="store_true")
@@ -187,11 +245,32 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write into the pipe
+    # A thread writes to the pipe, so that parsing goes on while the importer is busy (the
+    # pipe holds about one batch); at most _AHEAD messages wait in between.
+    pending: queue.Queue[bytes | None] = queue.Queue(maxsize=_AHEAD)
+    broken = threading.Event()
+
+    def write() -> None:
+        while (data := pending.get()) is not None:
+            try:
+                out.write(_HEADER.pack(len(data)))
+                out.write(data)
+                out.flush()
+            except (BrokenPipeError, OSError):
+                broken.set()
+                while pending.get() is not None:  # let the parser finish its puts
+                    pass
+                return
+
+    writer = threading.Thread(target=write, name="idemstore-parse-writer", daemon=True)
+    writer.start()
 
     def send(message: tuple[Any, ...]) -> None:
-        pickle.dump(message, out, protocol=pickle.HIGHEST_PROTOCOL)
-        out.flush()
+        if broken.is_set():
+            raise BrokenPipeError
+        pending.put(marshal.dumps(message))
 
+    code = 0
     try:
         with (
             gc_paused(),
@@ -206,16 +285,16 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
             send((_HELLO, parse.form))
             for batch in parse:
                 send(("batch", *batch))
-            send(("done", parse.summary()))
+            send(("done", parse.summary().as_tuple()))
     except BrokenPipeError:
-        return 1  # the importer is gone: nothing to tell anyone
+        code = 1  # the importer is gone: nothing to tell anyone
     except BaseException as error:
-        try:
+        code = 1
+        with contextlib.suppress(BrokenPipeError):
             send(("error", *_error_message(error)))
-        except BrokenPipeError:
-            return 1
-        return 1
-    return 0
+    pending.put(None)
+    writer.join()
+    return 1 if broken.is_set() else code
 
 
 class PartsFailed(IdemstoreError):
@@ -265,13 +344,18 @@ class _Worker:
 
     def read(self) -> tuple[Any, ...] | None:
         """The next message; None at end of pipe or if it is not one of ours."""
+        header = self.pipe.read(_HEADER.size)
+        if len(header) != _HEADER.size:
+            return None
+        (size,) = _HEADER.unpack(header)
+        data = self.pipe.read(size)
+        if len(data) != size:
+            return None
         try:
-            message: tuple[Any, ...] = pickle.load(self.pipe)
-        except EOFError:
+            message = marshal.loads(data)
+        except (EOFError, ValueError, TypeError):  # not our protocol
             return None
-        except Exception:  # not our protocol (something else wrote to the pipe)
-            return None
-        return message
+        return message if type(message) is tuple and message else None
 
     def stderr_text(self) -> str:
         with contextlib.suppress(OSError, ValueError):
@@ -314,14 +398,15 @@ class WorkerParse:
         self._starts = starts
         self._summaries: list[ParseSummary | None] = [None] * len(workers)
         self.form = ""
+        self.strict = False
+        self.batch_records = 0
 
     @classmethod
-    def start(
+    def spawn(
         cls, path: str, *, strict: bool, batch_records: int, workers: int
     ) -> WorkerParse | None:
-        """Start the workers (one per part, fewer if the file cannot be cut) and read their
-        greetings; None if no worker can run here (the caller parses in-process instead). With
-        one worker, a file error found at open is raised."""
+        """Start the workers (one per part, fewer if the file cannot be cut), without waiting
+        for them; None if no worker can start here."""
         # Several parts need selectors over pipes (not on Windows).
         points = split_points(path, workers) if workers > 1 and os.name != "nt" else None
         common = ["--batch", str(batch_records), *(["--strict"] if strict else [])]
@@ -342,20 +427,27 @@ class WorkerParse:
             logger.warning("cannot start a parse worker (%s): parsing in-process", error)
             return None
         self = cls(path, started, [start for start, _ in ranges])
-        for w in started:
+        self.strict = strict
+        self.batch_records = batch_records
+        return self
+
+    def greet(self) -> bool:
+        """Read the workers' greetings: True if all are at work. False if one did not start
+        (the caller closes this and parses in-process). With one worker, a file error found
+        at open is raised."""
+        for w in self._workers:
             first = w.read()
-            if first is not None and first[0] == "error" and len(started) == 1:
+            if first is not None and first[0] == "error" and len(self._workers) == 1:
                 self.close()
                 _raise_from(first[1], first[2])
             if first is None or first[0] != _HELLO:
-                detail = w.stderr_text()
-                self.close()
-                if first is not None and first[0] == "error":
-                    raise PartsFailed(f"a parse worker failed at open: {first[1:]}")
-                logger.warning("a parse worker did not start: parsing in-process\n%s", detail)
-                return None
+                if first is None or first[0] != "error":
+                    logger.warning(
+                        "a parse worker did not start: parsing in-process\n%s", w.stderr_text()
+                    )
+                return False
             self.form = first[1]
-        return self
+        return True
 
     def __enter__(self) -> WorkerParse:
         return self
@@ -374,7 +466,7 @@ class WorkerParse:
             _raise_from(message[1], message[2])
         raise PartsFailed(f"a parse worker refused its part: {message[1:]}")
 
-    def __iter__(self) -> Iterator[tuple[list[Converted], int]]:
+    def __iter__(self) -> Iterator[Batch]:
         workers = self._workers
         if len(workers) == 1:
             ready: Any = None
@@ -394,20 +486,20 @@ class WorkerParse:
                     if message is None or message[0] == "error":
                         self._failed(w, message)
                     if message[0] == "done":
-                        self._summaries[i] = message[1]
+                        self._summaries[i] = ParseSummary.from_tuple(message[1])
                         w.done = True
                         live -= 1
                         if ready is not None:
                             ready.unregister(w.pipe)
                         continue
-                    _, batch, bytes_read = message
+                    _, rows, fingerprints, bytes_read = message
                     if ids is not None:
                         before = len(ids)
-                        ids.update([row[0] for row, _fps in batch])
-                        if len(ids) != before + len(batch):
+                        ids.update([row[0] for row in rows])
+                        if len(ids) != before + len(rows):
                             raise PartsFailed("a record id appears in two parts of the file")
                     w.bytes_read = bytes_read - self._starts[i]
-                    yield batch, sum(x.bytes_read for x in workers)
+                    yield rows, fingerprints, sum(x.bytes_read for x in workers)
         finally:
             if ready is not None:
                 ready.close()
@@ -436,14 +528,78 @@ class WorkerParse:
 
 
 def open_parse(
-    path: str, *, strict: bool, batch_records: int, workers: int
+    path: str,
+    *,
+    strict: bool,
+    batch_records: int,
+    workers: int,
+    started: WorkerParse | None = None,
 ) -> FileParse | WorkerParse:
     """The file's parse: in this process (``workers=0``) or by worker processes, one per part
-    of the file (if it can be cut; else one), in this process if none can start."""
-    if workers > 0:
-        started = WorkerParse.start(
+    of the file (if it can be cut; else one), or by the workers ``started`` for it already
+    (:func:`prestart`); in this process if no worker can start or one fails to."""
+    if started is not None and (started.path, started.strict, started.batch_records) != (
+        path,
+        strict,
+        batch_records,
+    ):
+        started.close()  # started for another file: not ours
+        started = None
+    if started is None and workers > 0:
+        started = WorkerParse.spawn(
             path, strict=strict, batch_records=batch_records, workers=workers
         )
-        if started is not None:
+    if started is not None:
+        if started.greet():
             return started
+        started.close()
     return FileParse(path, strict=strict, batch_records=batch_records)
+
+
+def default_workers(size: int) -> int:
+    """Parse workers for a file of ``size`` bytes when not told: none for a small file or on a
+    single core, else one per core up to :data:`MAX_WORKERS`."""
+    cores = os.cpu_count() or 1
+    if size < WORKER_MIN_BYTES or cores < 2:
+        return 0
+    return min(cores, MAX_WORKERS)
+
+
+def prestart(argv: Sequence[str]) -> WorkerParse | None:
+    """For ``idemstore import FILE ...``: start the first file's parse workers right away,
+    before the command imports the database layer (some 0.2 s the workers spend reading).
+    Reads only the arguments it knows; anything else, or a small file, starts nothing. The
+    import uses these workers if they match what it needs (:func:`open_parse`)."""
+    i = 0
+    while i < len(argv) and argv[i] in ("-v", "--verbose", "--database-url"):
+        i += 2 if argv[i] == "--database-url" else 1
+    if i >= len(argv) or argv[i] != "import":
+        return None
+    files: list[str] = []
+    strict = False
+    workers: int | None = None
+    rest = iter(argv[i + 1 :])
+    for arg in rest:
+        if arg == "--strict":
+            strict = True
+        elif arg in ("--replace", "--dry-run", "--json"):
+            pass
+        elif arg == "--workers":
+            value = next(rest, "")
+            if not value.isdigit():
+                return None
+            workers = int(value)
+        elif arg.startswith("-"):
+            return None  # --help, or an option this does not know
+        else:
+            files.append(arg)
+    if not files:
+        return None
+    try:
+        size = os.path.getsize(files[0])
+    except OSError:
+        return None
+    n = default_workers(size) if workers is None else workers
+    if n <= 0:
+        return None
+    return WorkerParse.spawn(files[0], strict=strict, batch_records=BATCH_RECORDS, workers=n)

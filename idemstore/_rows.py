@@ -27,14 +27,14 @@ import json
 import secrets
 import struct
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, Final
 
 from . import jsonfile
 from .errors import InvalidInputError
-from .ids import record_id_from_parts
+from .ids import record_id_hasher
 from .model import U64_MAX, IdempotencyRecord, JSONValue, Outcome, RecordStatus, TenantSource
 
 __all__ = [
@@ -334,6 +334,7 @@ class Converter:
         self._tenants: dict[Any, tuple[Row, tuple[str, ...]]] = {}
         self._types: dict[tuple[type, ...], bool] = {}
         self._details: dict[Any, str] = {}
+        self._hashers: dict[tuple[Row, str], Callable[[str], str]] = {}
         self._tokens: Iterator[int] = iter(())
         # Tallies of the records converted but not yet committed (see chunk()).
         self._pending_unknown: list[tuple[str, ...]] = []
@@ -371,7 +372,7 @@ class Converter:
     def _fast(self, map_key: str, value: Any) -> Converted:
         if type(value) is not tuple or not value:
             raise _Slow
-        keys, values = zip(*value, strict=True)
+        keys, values = zip(*value)  # noqa: B905 - pairs
         layout = self._layouts.get(keys)
         if layout is None:
             layout = self._layouts[keys] = _record_layout(keys)
@@ -451,7 +452,14 @@ class Converter:
             if not all(type(f) is str for f in fps):
                 raise _Slow
             fingerprints = tuple(fps)
-        self._check(map_key, rid, tenant, op, key, fingerprints, unknown)
+        if len(fingerprints) > 1 or rid != map_key or unknown:
+            self._check(map_key, rid, tenant, op, key, fingerprints, unknown)
+        else:  # the common case of _check, inline
+            hasher = self._hashers.get((tenant, op))
+            if hasher is None:
+                hasher = self._hasher(tenant, op)
+            if hasher(key) != map_key:
+                self._check(map_key, rid, tenant, op, key, fingerprints, unknown)
         token = next(self._tokens, None)
         if token is None:
             token = self._more_tokens()
@@ -507,7 +515,10 @@ class Converter:
                         f"conflict_fingerprints[{i}]",
                     )
                 seen.add(f)
-        computed = record_id_from_parts(tenant[0], tenant[1], tenant[2], operation, key)
+        hasher = self._hashers.get((tenant, operation))
+        if hasher is None:
+            hasher = self._hasher(tenant, operation)
+        computed = hasher(key)
         if record_id != map_key or computed != map_key:
             if self.strict:
                 raise jsonfile.RecordProblem(
@@ -518,6 +529,14 @@ class Converter:
             self._pending_mismatches.append(IdMismatch(map_key, record_id, computed))
         if unknown:
             self._pending_unknown.append(unknown)
+
+    def _hasher(self, tenant: Row, operation: str) -> Callable[[str], str]:
+        if len(self._hashers) >= _CACHE_LIMIT:
+            self._hashers.clear()
+        hasher = self._hashers[tenant, operation] = record_id_hasher(
+            tenant[0], tenant[1], tenant[2], operation
+        )
+        return hasher
 
     def _more_tokens(self) -> int:
         """Reservation tokens: 63 random bits each, drawn many at once."""

@@ -247,9 +247,12 @@ def _extension_transfer(commands: Any) -> None:
 _EXTENSIONS: list[Callable[[Any], None]] = [_extension_transfer, _extension_bench]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, prestarted: Any = None) -> int:
+    """The command. ``prestarted``: parse workers :mod:`idemstore._entry` started for
+    ``import`` before this module was loaded."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.prestarted = prestarted
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .errors import InvalidInputError
@@ -21,22 +21,33 @@ def _update(hasher: Any, part: str) -> None:
 
 
 @functools.lru_cache(maxsize=1024)
-def _prefix(org_id: str, workspace_id: str, deployment_id: str, operation: str) -> Any:
-    # Tenants and operations repeat; each record id then hashes only its key on a copy.
-    hasher = hashlib.sha256()
-    for part in (org_id, workspace_id, deployment_id, operation):
-        _update(hasher, part)
-    return hasher
+def record_id_hasher(
+    org_id: str, workspace_id: str, deployment_id: str | None, operation: str
+) -> Callable[[str], str]:
+    """The record id of a key under this tenant and operation, as a function of the key.
+
+    Tenants and operations repeat: the four parts are hashed once, and each id then hashes
+    only its key, on a copy (the importer keeps these functions per tenant and operation).
+    """
+    prefix = hashlib.sha256()
+    for part in (org_id, workspace_id, deployment_id or "", operation):
+        _update(prefix, part)
+    copy = prefix.copy
+
+    def record_id(key: str) -> str:
+        hasher = copy()
+        _update(hasher, key)
+        digest: str = hasher.hexdigest()
+        return "idem_" + digest
+
+    return record_id
 
 
 def record_id_from_parts(
     org_id: str, workspace_id: str, deployment_id: str | None, operation: str, key: str
 ) -> str:
     """:func:`idempotency_record_id` from the tenant's parts."""
-    hasher = _prefix(org_id, workspace_id, deployment_id or "", operation).copy()
-    _update(hasher, key)
-    digest: str = hasher.hexdigest()
-    return "idem_" + digest
+    return record_id_hasher(org_id, workspace_id, deployment_id, operation)(key)
 
 
 def idempotency_record_id(tenant: TenantContext, operation: str, key: str) -> str:

@@ -34,8 +34,15 @@ from typing import TYPE_CHECKING, Any, Final
 import sqlalchemy as sa
 
 from . import jsonfile, ops
-from ._parse import FileParse, PartsFailed, WorkerParse, open_parse
-from ._rows import REPORT_LIST_LIMIT, Converted, IdMismatch, gc_paused
+from ._parse import (
+    BATCH_RECORDS,
+    FileParse,
+    PartsFailed,
+    WorkerParse,
+    default_workers,
+    open_parse,
+)
+from ._rows import REPORT_LIST_LIMIT, IdMismatch, gc_paused
 from .dialects import Driver
 from .errors import FileFormatError, IdemstoreError
 from .store import IdempotencyStore
@@ -54,14 +61,8 @@ __all__ = [
     "import_file_async",
 ]
 
-#: Records read per batch (one existence query, then multi-row inserts).
-BATCH_RECORDS: Final = 2000
 #: Files at least this big get a progress bar on a terminal.
 PROGRESS_MIN_BYTES: Final = 8 << 20
-#: Files at least this big are parsed by worker processes unless told otherwise.
-WORKER_MIN_BYTES: Final = 8 << 20
-#: At most this many parse workers unless told otherwise.
-MAX_WORKERS: Final = 4
 _SAVEPOINT: Final = "idemstore_import"
 
 logger = logging.getLogger("idemstore.import")
@@ -106,7 +107,8 @@ class ImportReport:
 
 def _flush(
     d: Driver,
-    batch: list[Converted],
+    rows: list[Row],
+    fingerprints: list[tuple[str, str]],
     report: ImportReport,
     *,
     replace: bool,
@@ -115,25 +117,25 @@ def _flush(
 ) -> None:
     """Compare a batch with the database (``check``: it may hold some of these records) and
     write what differs."""
-    if not batch:
+    if not rows:
         return
-    existing = ops.fetch_existing(d, [row[0] for row, _ in batch]) if check else {}
+    existing = ops.fetch_existing(d, [row[0] for row in rows]) if check else {}
     if not existing:
-        report.inserted += len(batch)
+        report.inserted += len(rows)
         if not dry_run:
-            ops.insert_rows(
-                d, [row for row, _ in batch], [(row[0], fp) for row, fps in batch for fp in fps]
-            )
+            ops.insert_rows(d, rows, fingerprints)
         return
-    rows: list[Row] = []
-    fingerprints: list[tuple[str, str]] = []
+    fps_of: dict[str, list[str]] = {}
+    for record_id, fp in fingerprints:
+        fps_of.setdefault(record_id, []).append(fp)
+    write: list[Row] = []
     replaced: list[str] = []
-    for row, fps in batch:
+    for row in rows:
         record_id = row[0]
         found = existing.get(record_id)
         if found is not None:
             db_row, db_fps = found
-            if db_row[:-1] == row[:-1] and db_fps == fps:
+            if db_row[:-1] == row[:-1] and db_fps == tuple(fps_of.get(record_id, ())):
                 report.unchanged += 1
                 continue
             if not replace:
@@ -145,23 +147,13 @@ def _flush(
             replaced.append(record_id)
         else:
             report.inserted += 1
-        rows.append(row)
-        for fp in fps:
-            fingerprints.append((record_id, fp))
+        write.append(row)
     if dry_run:
         return
     if replaced:
         ops.delete_records(d, replaced)
-    ops.insert_rows(d, rows, fingerprints)
-
-
-def default_workers(size: int) -> int:
-    """Parse workers for a file of ``size`` bytes when not told: none for a small file or on a
-    single core, else one per core up to :data:`MAX_WORKERS`."""
-    cores = os.cpu_count() or 1
-    if size < WORKER_MIN_BYTES or cores < 2:
-        return 0
-    return min(cores, MAX_WORKERS)
+    written = {row[0] for row in write}
+    ops.insert_rows(d, write, [pair for pair in fingerprints if pair[0] in written])
 
 
 def import_call(
@@ -172,12 +164,14 @@ def import_call(
     dry_run: bool = False,
     progress: Progress | None = None,
     workers: int | None = None,
+    started: WorkerParse | None = None,
 ) -> ops.Call[ImportReport]:
     """The import of one file as one :class:`~idemstore.ops.Call` (one transaction).
 
     ``workers``: parse processes that read the file while this one writes (see
     :mod:`idemstore._parse`); 0 parses in this process; ``None`` picks
-    :func:`default_workers`.
+    :func:`~idemstore._parse.default_workers`. ``started``: workers already started for this
+    file (:func:`idemstore._parse.prestart`; the command line does that).
     """
     target = os.fspath(path)
     try:
@@ -191,9 +185,9 @@ def import_call(
     def consume(d: Driver, parse: FileParse | WorkerParse, check: bool) -> ImportReport:
         started = time.perf_counter()
         report = ImportReport(path=target, dry_run=dry_run, form=parse.form)
-        for batch, bytes_read in parse:
-            report.read += len(batch)
-            _flush(d, batch, report, replace=replace, dry_run=dry_run, check=check)
+        for rows, fingerprints, bytes_read in parse:
+            report.read += len(rows)
+            _flush(d, rows, fingerprints, report, replace=replace, dry_run=dry_run, check=check)
             if progress is not None:
                 progress(report.read, bytes_read, total)
         summary = parse.summary()
@@ -212,7 +206,11 @@ def import_call(
         check = ops.has_records(d)
         with gc_paused(), d.bulk_load():
             parse = open_parse(
-                target, strict=strict, batch_records=BATCH_RECORDS, workers=n_workers
+                target,
+                strict=strict,
+                batch_records=BATCH_RECORDS,
+                workers=n_workers,
+                started=started,
             )
             if isinstance(parse, FileParse):
                 with parse:
@@ -384,18 +382,22 @@ def cmd_import(args: argparse.Namespace) -> int:
     reports: list[ImportReport] = []
     failed: list[tuple[str, str]] = []
     show_progress = sys.stderr.isatty() and not args.json
+    started: WorkerParse | None = getattr(args, "prestarted", None)  # see idemstore._entry
     with IdempotencyStore.from_url(args.database_url) as store:
         for path in args.files:
             big = os.path.exists(path) and os.path.getsize(path) >= PROGRESS_MIN_BYTES
+            call = import_call(
+                path,
+                replace=args.replace,
+                strict=args.strict,
+                dry_run=args.dry_run,
+                progress=_bar(sys.stderr) if show_progress and big else None,
+                workers=args.workers,
+                started=started,
+            )
+            started = None
             try:
-                report = import_file(
-                    store,
-                    path,
-                    replace=args.replace,
-                    strict=args.strict,
-                    dry_run=args.dry_run,
-                    progress=_bar(sys.stderr) if show_progress and big else None,
-                )
+                report = store.run(call)
             except IdemstoreError as error:
                 if len(args.files) == 1:
                     raise
@@ -454,6 +456,14 @@ def add_commands(commands: Any) -> None:
     )
     parser.add_argument("--dry-run", action="store_true", help="validate and report, write nothing")
     parser.add_argument("--json", action="store_true", help="machine-readable report")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes that parse a big file while this one writes (default: one per core, "
+        "up to 4, for files of 8 MB or more; 0: parse here)",
+    )
     parser.set_defaults(handler=cmd_import)
 
     export = commands.add_parser(
