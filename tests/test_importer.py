@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from idemstore import IdempotencyStore, _rows, importer, jsonfile, ops
+from idemstore import IdempotencyStore, _entry, _parse, _rows, importer, jsonfile, ops
 from idemstore.errors import FileFormatError
 from idemstore.ids import idempotency_record_id
 from idemstore.jsonfile import read_records, record_to_json, write_records
@@ -618,6 +618,98 @@ def test_cli_import_table_json_and_exit_codes(tmp_path: Path) -> None:
     assert strict.returncode == 2 and "id mismatch" in strict.stderr
     loose = _run("--database-url", url, "import", str(strict_path))
     assert loose.returncode == 0 and "id mismatch: map key idem_000" in loose.stdout
+
+
+@pytest.fixture
+def spawns(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Every start of parse workers, as (file, workers asked for)."""
+    calls: list[tuple[str, int]] = []
+    spawn = _parse.WorkerParse.spawn.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: Any, path: str, **kw: Any) -> Any:
+        calls.append((path, kw["workers"]))
+        return spawn(cls, path, **kw)
+
+    monkeypatch.setattr(_parse.WorkerParse, "spawn", classmethod(counted))
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["import", "{big}"], ("{big}", False, 2)),
+        (
+            ["--database-url", "sqlite:///x.db", "-v", "import", "--json", "{big}"],
+            ("{big}", False, 2),
+        ),
+        (["import", "--strict", "--dry-run", "{big}", "{small}"], ("{big}", True, 2)),
+        (["import", "--workers", "3", "{big}"], ("{big}", False, 3)),
+        (["import", "--workers", "0", "{big}"], None),
+        (["import", "{small}"], None),  # too small to be worth workers
+        (["import", "--help"], None),
+        (["import", "--unknown", "{big}"], None),  # an option it does not know: leave it
+        (["stats"], None),
+        (["--database-url", "import", "stats"], None),  # "import" is the URL here
+        (["import", "{missing}"], None),
+    ],
+)
+def test_prestart_reads_only_what_it_knows(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    spawns: list[tuple[str, int]],
+    argv: list[str],
+    expected: tuple[str, bool, int] | None,
+) -> None:
+    monkeypatch.setattr(_parse, "WORKER_MIN_BYTES", 1000)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    big, small = tmp_path / "big.json", tmp_path / "small.json"
+    datagen.write_realistic_file(big, 20)
+    small.write_text("{}")
+    names = {"big": str(big), "small": str(small), "missing": str(tmp_path / "none.json")}
+    started = _parse.prestart([a.format(**names) for a in argv])
+    try:
+        if expected is None:
+            assert started is None and spawns == []
+        else:
+            assert started is not None
+            path, strict, workers = expected
+            assert (started.path, started.strict) == (path.format(**names), strict)
+            assert spawns == [(path.format(**names), workers)]
+    finally:
+        if started is not None:
+            started.close()
+
+
+def test_command_uses_the_workers_it_started_early(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spawns: list[tuple[str, int]]
+) -> None:
+    monkeypatch.setattr(_parse, "WORKER_MIN_BYTES", 1000)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    url = f"sqlite:///{tmp_path / 'early.db'}"
+    IdempotencyStore.from_url(url, migrate=True).close()
+    path = tmp_path / "keys.json"
+    datagen.write_realistic_file(path, 300)
+    early: list[Any] = []
+    prestart = _parse.prestart
+
+    def recorded(argv: list[str]) -> Any:
+        early.append(prestart(argv))
+        return early[-1]
+
+    monkeypatch.setattr(_parse, "prestart", recorded)
+    assert _entry.main(["--database-url", url, "import", "--json", str(path)]) == 0
+    # Started once, by prestart (before the command loaded the database layer), and those
+    # workers did the import: no second start.
+    assert len(early) == 1 and early[0] is not None
+    assert spawns == [(str(path), 2)]
+    with IdempotencyStore.from_url(url) as store:
+        assert store.stats().total == 300
+
+    spawns.clear()
+    second = tmp_path / "second.json"
+    datagen.write_realistic_file(second, 5)
+    assert _entry.main(["--database-url", url, "import", "--workers", "0", str(second)]) == 0
+    assert spawns == []  # --workers 0: parsed in the importing process
 
 
 def test_import_inside_a_callers_transaction(database: Database) -> None:
