@@ -1,19 +1,19 @@
-"""A JSON key file as batches of database rows, parsed here or in a worker process.
+"""A JSON key file as batches of database rows, parsed in this process or by worker processes.
 
-The importer inserts rows while the file is still being parsed: with ``worker=True`` the
-parsing (JSON decoding, validation, record ids) runs in a child process, which sends the
-batches back through a pipe, as ``marshal`` data (parent and child run the same interpreter;
-marshal writes and reads these tuples of strings and integers several times faster than
-pickle). Both processes then
-keep a core busy: the child with the file, the importer with the database. The child
-(:func:`worker_main`, started as ``python -c``) runs the
-very code the in-process path runs (:class:`FileParse`), imports no database module and never
-touches the database, so the transaction, its locks and its rollback stay in the importer.
+The importer inserts rows while the file is still being parsed: with workers, the parsing
+(JSON decoding, validation, record ids) runs in child processes (:func:`worker_main`, started
+as ``python -c``), one per part of the file (:func:`split_points`), which send their batches
+back through pipes as ``marshal`` data (both ends run the same interpreter; marshal writes and
+reads these tuples of strings and integers several times faster than pickle). The children run
+the very code the in-process path runs (:class:`FileParse`), import no database module and never
+touch the database, so the transaction, its locks and its rollback stay in the importer.
 
-Errors cross the pipe as data and are raised again in the importer as the same
-:class:`~idemstore.errors.FileFormatError` (message, file, record, field, line). A child that
-dies (killed, out of memory) makes the import fail, and the transaction roll back; an importer
-that dies closes the pipe, and the child ends at its next write.
+Errors cross the pipe as data. With one worker they are raised again in the importer as the
+same :class:`~idemstore.errors.FileFormatError` (message, file, record, field, line); with
+several, any failure raises :class:`PartsFailed`, and the importer rolls back to a savepoint
+and reads the whole file itself, which finds the first error in file order (and copes with a
+file whose layout fooled the cut). A worker that dies (killed, out of memory) is such a failure.
+An importer that dies closes the pipes, and its workers end at their next write.
 """
 
 from __future__ import annotations

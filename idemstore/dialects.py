@@ -189,6 +189,19 @@ class Driver:
             self.run_sql("PRAGMA ignore_check_constraints = OFF")
             self.run_sql(f"PRAGMA cache_size = {int(cache_size)}")
 
+    @contextlib.contextmanager
+    def savepoint(self, name: str) -> Iterator[Callable[[], None]]:
+        """A savepoint inside the current transaction; yields the function that rolls back to
+        it. Released at the end of the block (an error leaves it to the transaction's
+        rollback)."""
+        self.run_sql(f"SAVEPOINT {name}")
+
+        def roll_back() -> None:
+            self.run_sql(f"ROLLBACK TO SAVEPOINT {name}")
+
+        yield roll_back
+        self.run_sql(f"RELEASE SAVEPOINT {name}")
+
     def close(self) -> None:
         """Close the cursor (the connection stays open)."""
         cursor, self._cursor = self._cursor, None

@@ -9,12 +9,13 @@ The record id in the database is the file's map key (what the Rust store looked 
 by). A record whose ``record_id`` field, or whose id recomputed from tenant, operation and key,
 differs from its map key is reported with both ids; ``strict=True`` refuses the file instead.
 
-Speed: records are decoded by the C JSON scanner and validated straight into row tuples
-(:func:`_fast_row`); only a record the fast path does not accept goes through the precise
-validator (:func:`idemstore.jsonfile.validate_value`), which either refuses it with serde's exact
-message, field and line or builds the row the slow way. Rows go in with multi-row ``INSERT``
-statements, after one ``SELECT ... WHERE record_id IN (...)`` per batch finds those already
-there.
+Speed: the file is parsed (decoded by the C JSON scanner, many records per call, checked and
+turned into row tuples by :mod:`idemstore._rows`) in helper processes, one per part of the file
+(:mod:`idemstore._parse`), while this process inserts their batches with the driver's
+``executemany`` (``COPY`` on PostgreSQL). Existing rows are looked up per batch only when the
+table was not empty at the start. A record the fast path does not take goes through the precise
+validator (:func:`idemstore.jsonfile.validate_value`), which either refuses it with serde's
+exact message, field and line or builds the row the slow way.
 
 The sync and async entry points run the same :func:`import_call` (one hop for async).
 """
@@ -215,18 +216,16 @@ def import_call(
             if isinstance(parse, FileParse):
                 with parse:
                     return consume(d, parse, check)
-            d.run_sql(f"SAVEPOINT {_SAVEPOINT}")
-            try:
-                with parse:
-                    report = consume(d, parse, check)
-            except PartsFailed as failure:
-                # Read the whole file here instead: it names the first error, if any.
-                logger.info("%s: %s; reading it in one process", target, failure)
-                d.run_sql(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+            with d.savepoint(_SAVEPOINT) as roll_back:
+                try:
+                    with parse:
+                        return consume(d, parse, check)
+                except PartsFailed as failure:
+                    # Read the whole file here instead: it names the first error, if any.
+                    logger.info("%s: %s; reading it in one process", target, failure)
+                    roll_back()
                 with FileParse(target, strict=strict, batch_records=BATCH_RECORDS) as parse:
-                    report = consume(d, parse, check)
-            d.run_sql(f"RELEASE SAVEPOINT {_SAVEPOINT}")
-            return report
+                    return consume(d, parse, check)
 
     return ops.Call("read" if dry_run else "write", run)
 

@@ -3,8 +3,9 @@
 The Rust module (``idempotency.rs``) keeps ``{"schema_version": 1, "records": {...}}`` (or,
 in old files, a bare ``{"<record_id>": {record}}`` map) and reads it with serde. This module
 reads and writes the same files without loading them whole: the top-level object is walked by
-hand over a decoded text buffer, and each record value is decoded on its own with the C JSON
-scanner, then validated the way serde's derived ``Deserialize`` would.
+hand over a decoded text buffer, and record values are decoded with the C JSON scanner (one at
+a time, or many per call where the file's layout shows where records end, see
+:meth:`RecordReader._chunk`), then validated the way serde's derived ``Deserialize`` would.
 
 Reading::
 
