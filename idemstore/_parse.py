@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import marshal
 import os
@@ -213,8 +214,12 @@ def split_points(path: str, parts: int) -> list[int] | None:
 # The worker processes
 
 _HELLO: Final = "idemstore-parse-1"
+# The worker imports idemstore exactly as this process did: same sys.path, same order.
+_PATH_VAR: Final = "IDEMSTORE_PARSE_WORKER_SYS_PATH"
 _WORKER_CODE: Final = (
-    "import sys; from idemstore._parse import worker_main; sys.exit(worker_main())"
+    "import json, os, sys; "
+    f"sys.path[:] = json.loads(os.environ.pop({_PATH_VAR!r})); "
+    "from idemstore._parse import worker_main; sys.exit(worker_main())"
 )
 
 
@@ -315,11 +320,8 @@ class _Worker:
     """One worker process and the read end of its pipe."""
 
     def __init__(self, path: str, args: list[str]) -> None:
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (package_root, env.get("PYTHONPATH", "")) if p
-        )
+        env[_PATH_VAR] = json.dumps(sys.path)
         self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
         try:
             self.proc = subprocess.Popen(
