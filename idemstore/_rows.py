@@ -191,18 +191,6 @@ class _Absent:
 _ABSENT_TENANT: Final = _Absent()  # the legacy default tenant
 _ABSENT_LIST: Final = _Absent()  # no conflict fingerprints
 _RECORD_FIELDS: Final = jsonfile._RECORD_FIELDS
-_REQUIRED: Final = frozenset(
-    (
-        "record_id",
-        "operation",
-        "key",
-        "owner",
-        "request_fingerprint",
-        "status",
-        "first_seen_at_ms",
-        "last_seen_at_ms",
-    )
-)
 # What a missing optional field reads as, appended after a record's values so that one
 # itemgetter picks every field (present or defaulted) in _RECORD_FIELDS order.
 _RECORD_DEFAULTS: Final = {
@@ -215,6 +203,7 @@ _RECORD_DEFAULTS: Final = {
     "conflict_fingerprints": _ABSENT_LIST,
 }
 _DEFAULT_VALUES: Final = tuple(_RECORD_DEFAULTS.values())
+_REQUIRED: Final = frozenset(_RECORD_FIELDS) - _RECORD_DEFAULTS.keys()
 _DEFAULT_AT: Final = {name: i for i, name in enumerate(_RECORD_DEFAULTS)}
 # The Python type each field may have on the fast path (serde's rules; anything else, bool
 # included, goes to the precise validator).
@@ -239,15 +228,7 @@ _FIELD_TYPES: Final[tuple[_Types, ...]] = (
     _INT,  # conflict_count
     frozenset((list, _Absent)),  # conflict_fingerprints
 )
-_OUTCOME_FIELDS: Final = (
-    "outcome_kind",
-    "completed_at_ms",
-    "primary_ref_kind",
-    "primary_ref_id",
-    "secondary_ref_kind",
-    "secondary_ref_id",
-    "details",
-)
+_OUTCOME_FIELDS: Final = jsonfile._OUTCOME_FIELDS
 _OUTCOME_TYPES: Final[tuple[_Types, ...]] = (_STR, _INT, _OPT_STR, _OPT_STR, _OPT_STR, _OPT_STR)
 _STATUSES: Final = frozenset(s.value for s in RecordStatus)
 _SOURCES: Final = frozenset(s.value for s in TenantSource)

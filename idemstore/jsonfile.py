@@ -111,17 +111,16 @@ _RECORD_FIELD_SET: Final = frozenset(_RECORD_FIELDS)
 _TENANT_FIELD_SET: Final = frozenset(
     ("org_id", "workspace_id", "deployment_id", "actor_id", "source")
 )
-_OUTCOME_FIELD_SET: Final = frozenset(
-    (
-        "outcome_kind",
-        "completed_at_ms",
-        "primary_ref_kind",
-        "primary_ref_id",
-        "secondary_ref_kind",
-        "secondary_ref_id",
-        "details",
-    )
+_OUTCOME_FIELDS: Final = (
+    "outcome_kind",
+    "completed_at_ms",
+    "primary_ref_kind",
+    "primary_ref_id",
+    "secondary_ref_kind",
+    "secondary_ref_id",
+    "details",
 )
+_OUTCOME_FIELD_SET: Final = frozenset(_OUTCOME_FIELDS)
 
 
 # --------------------------------------------------------------------------------------------
