@@ -181,6 +181,21 @@ def _fallbacks(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if FALLBACK_LOG in r.getMessage()]
 
 
+@pytest.fixture
+def parts_started(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many worker processes each parallel parse started (spies on WorkerParse.start)."""
+    started: list[int] = []
+    start = _parse.WorkerParse.start.__func__  # type: ignore[attr-defined]
+
+    def spy(cls: type[_parse.WorkerParse], path: str, **options: Any) -> Any:
+        parse = start(cls, path, **options)
+        started.append(0 if parse is None else len(parse._workers))
+        return parse
+
+    monkeypatch.setattr(_parse.WorkerParse, "start", classmethod(spy))
+    return started
+
+
 # --------------------------------------------------------------------------------------------
 # 1. The same database and report whatever the number of workers
 
@@ -189,17 +204,17 @@ def test_same_result_whatever_the_number_of_workers(
     realistic: tuple[Path, Built],
     sqlite_store: Callable[[str], IdempotencyStore],
     caplog: pytest.LogCaptureFixture,
+    parts_started: list[int],
 ) -> None:
     path, built = realistic
-    assert len(_parse.split_points(str(path), 2) or ()) == 2  # the file can be cut
-    assert len(_parse.split_points(str(path), 3) or ()) == 3
     caplog.set_level(logging.INFO, logger="idemstore.import")
     results = {}
     for workers in (0, 1, 2, 3):
         store = sqlite_store(f"w{workers}")
         report = importer.import_file(store, path, workers=workers)
         results[workers] = (_report(report), _dump(store.engine))
-    # No part failed, no worker was missing: each run took the path it was asked for.
+    # Each run took the path it was asked for: no part failed, no worker was missing.
+    assert parts_started == [1, 2, 3]
     assert not [r for r in caplog.records if r.levelno >= logging.INFO], caplog.text
 
     report, (rows, fps) = results[0]
@@ -226,6 +241,7 @@ def test_two_workers_on_every_backend(
     realistic: tuple[Path, Built],
     flavour: str,
     caplog: pytest.LogCaptureFixture,
+    parts_started: list[int],
 ) -> None:
     """workers=2 through the sync or async store (PostgreSQL: COPY) gives what workers=0 gives
     on a database of the same engine."""
@@ -247,6 +263,7 @@ def test_two_workers_on_every_backend(
                     await astore.close()
 
             report = asyncio.run(run())
+        assert parts_started == [2]
         assert not _fallbacks(caplog)
         assert report.inserted == len(built.entries)
         assert _report(report) == _report(expected)
@@ -591,7 +608,7 @@ def test_errors_are_the_same_with_workers(
 
     caplog.set_level(logging.INFO, logger="idemstore.import")
     outcomes = {}
-    for workers in (2, 0):
+    for workers in (2, 1, 0):
         store = sqlite_store(f"w{workers}")
         _prepopulate(store, built, tmp_path / f"pre{workers}.json")
         before = _dump(store.engine, tokens=True)
@@ -606,6 +623,7 @@ def test_errors_are_the_same_with_workers(
         else:
             outcomes[workers] = (_report(report), _dump(store.engine))
     assert outcomes[2] == outcomes[0]
+    assert outcomes[1] == outcomes[0]
 
     if case.message is None:
         report_view = outcomes[0][0]
@@ -666,7 +684,13 @@ def test_cli_reports_the_first_error_of_a_parallel_import(
 
 def _record_ends(text: str, entries: list[Entry]) -> set[int]:
     """Byte offsets of the comma after each record but the last (just before the next one)."""
-    return {_byte_offset(text, text.index(f'\n    "{key}": {{')) - 1 for key, _ in entries[1:]}
+    ends, at, byte_at = set(), 0, 0
+    for key, _ in entries[1:]:
+        found = text.index(f'\n    "{key}": {{', at)  # records are in file order
+        byte_at += len(text[at:found].encode("utf-8"))
+        ends.add(byte_at - 1)
+        at = found
+    return ends
 
 
 def _read_part(path: Path, start: int = 0, stop: int | None = None) -> list[tuple[Any, ...]]:
