@@ -965,3 +965,33 @@ def test_sqlite_ignore_check_constraints_left_as_the_caller_had_it(
         importer.import_file(store, good, connection=conn, workers=0)
         assert _pragmas(conn) == before
         conn.rollback()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "import_file(connection=...) that fails leaves the batches inserted before the error "
+        "in the caller's transaction (every path; workers>1 also leaves its savepoint open)"
+    ),
+)
+@pytest.mark.parametrize("workers", (0, 2))
+def test_failed_import_leaves_the_callers_transaction_as_it_was(
+    database: Database, tmp_path: Path, workers: int
+) -> None:
+    built = _realistic(importer.BATCH_RECORDS + 300, seed=13)
+    text = _rust_text(built.entries)
+    path = tmp_path / "bad.json"
+    path.write_text(_bad_status(text, built.entries[-3][0]), encoding="utf-8")
+    store = database.sync_store()
+    try:
+        with store.engine.connect() as conn:
+            tenant = datagen.LEGACY_TENANT
+            store.reserve(tenant, "op", "mine", "owner", "fp", now_ms=1, connection=conn)
+            before = conn.execute(sa.select(sa.func.count()).select_from(R)).scalar_one()
+            with pytest.raises(FileFormatError):
+                importer.import_file(store, path, connection=conn, workers=workers)
+            after = conn.execute(sa.select(sa.func.count()).select_from(R)).scalar_one()
+            conn.rollback()
+        assert (before, after) == (1, 1)
+    finally:
+        store.close()
