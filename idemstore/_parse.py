@@ -106,9 +106,9 @@ def _open_reader(path: str, start: int, stop: int | None) -> jsonfile.RecordRead
 
 Row = tuple[Any, ...]
 #: At most ``batch_records`` rows (token last), the ``(record_id, fingerprint)`` pairs of their
-#: conflict fingerprints (each record's in first-seen order), and how far into the file the
-#: parse has got, in bytes.
-Batch = tuple[list[Row], list[tuple[str, str]], int]
+#: conflict fingerprints (each record's in first-seen order), how far into the file the parse
+#: has got, in bytes, and which part of the file the rows come from (0, 1, ... in file order).
+Batch = tuple[list[Row], list[tuple[str, str]], int, int]
 
 
 class FileParse:
@@ -151,11 +151,11 @@ class FileParse:
                 record_id = row[0]
                 fingerprints.extend([(record_id, fp) for fp in fps])
             if len(rows) >= size:
-                yield rows, fingerprints, reader.bytes_read
+                yield rows, fingerprints, reader.bytes_read, 0
                 rows = []
                 fingerprints = []
         if rows:
-            yield rows, fingerprints, reader.bytes_read
+            yield rows, fingerprints, reader.bytes_read, 0
 
     def summary(self) -> ParseSummary:
         convert, header = self._convert, self._reader.header
@@ -494,14 +494,14 @@ class WorkerParse:
                         if ready is not None:
                             ready.unregister(w.pipe)
                         continue
-                    _, rows, fingerprints, bytes_read = message
+                    _, rows, fingerprints, bytes_read, _part = message
                     if ids is not None:
                         before = len(ids)
                         ids.update([row[0] for row in rows])
                         if len(ids) != before + len(rows):
                             raise PartsFailed("a record id appears in two parts of the file")
                     w.bytes_read = bytes_read - self._starts[i]
-                    yield rows, fingerprints, sum(x.bytes_read for x in workers)
+                    yield rows, fingerprints, sum(x.bytes_read for x in workers), i
         finally:
             if ready is not None:
                 ready.close()

@@ -1353,7 +1353,7 @@ def _import_worker(
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     batches = []
     with gc_paused(), FileParse(path, strict=False, batch_records=BATCH_RECORDS) as parse:
-        batches = [(rows, fps) for rows, fps, _ in parse]
+        batches = [(rows, fps) for rows, fps, *_ in parse]
 
     def insert(d: Any) -> int:
         with gc_paused(), d.bulk_load():

@@ -181,25 +181,32 @@ class Driver:
             yield
             return
         ((cache_size,),) = self.run_sql("PRAGMA cache_size")
+        ((ignore_checks,),) = self.run_sql("PRAGMA ignore_check_constraints")
         self.run_sql(f"PRAGMA cache_size = {-BULK_CACHE_KIB}")
         self.run_sql("PRAGMA ignore_check_constraints = ON")
         try:
             yield
         finally:
-            self.run_sql("PRAGMA ignore_check_constraints = OFF")
+            self.run_sql(f"PRAGMA ignore_check_constraints = {1 if ignore_checks else 0}")
             self.run_sql(f"PRAGMA cache_size = {int(cache_size)}")
 
     @contextlib.contextmanager
     def savepoint(self, name: str) -> Iterator[Callable[[], None]]:
         """A savepoint inside the current transaction; yields the function that rolls back to
-        it. Released at the end of the block (an error leaves it to the transaction's
-        rollback)."""
+        it. An error in the block rolls back to it too (so that a caller's own transaction is
+        left as it was), and is raised on; the savepoint is released at the end."""
         self.run_sql(f"SAVEPOINT {name}")
 
         def roll_back() -> None:
             self.run_sql(f"ROLLBACK TO SAVEPOINT {name}")
 
-        yield roll_back
+        try:
+            yield roll_back
+        except BaseException:
+            with contextlib.suppress(Exception):  # the error that got here is the one to see
+                roll_back()
+                self.run_sql(f"RELEASE SAVEPOINT {name}")
+            raise
         self.run_sql(f"RELEASE SAVEPOINT {name}")
 
     def close(self) -> None:

@@ -111,6 +111,7 @@ def _flush(
     rows: list[Row],
     fingerprints: list[tuple[str, str]],
     report: ImportReport,
+    kept_ids: list[str],
     *,
     replace: bool,
     dry_run: bool,
@@ -141,8 +142,8 @@ def _flush(
                 continue
             if not replace:
                 report.kept += 1
-                if len(report.kept_ids) < REPORT_LIST_LIMIT:
-                    report.kept_ids.append(record_id)
+                if len(kept_ids) < REPORT_LIST_LIMIT:
+                    kept_ids.append(record_id)
                 continue
             report.replaced += 1
             replaced.append(record_id)
@@ -184,13 +185,24 @@ def import_call(
         raise ValueError("workers must be 0 or more")
 
     def consume(d: Driver, parse: FileParse | WorkerParse, check: bool) -> ImportReport:
-        started = time.perf_counter()
+        began = time.perf_counter()
         report = ImportReport(path=target, dry_run=dry_run, form=parse.form)
-        for rows, fingerprints, bytes_read in parse:
+        kept: dict[int, list[str]] = {}  # per part of the file, so that they list in file order
+        for rows, fingerprints, bytes_read, part in parse:
             report.read += len(rows)
-            _flush(d, rows, fingerprints, report, replace=replace, dry_run=dry_run, check=check)
+            _flush(
+                d,
+                rows,
+                fingerprints,
+                report,
+                kept.setdefault(part, []),
+                replace=replace,
+                dry_run=dry_run,
+                check=check,
+            )
             if progress is not None:
                 progress(report.read, bytes_read, total)
+        report.kept_ids = [k for part in sorted(kept) for k in kept[part]][:REPORT_LIST_LIMIT]
         summary = parse.summary()
         if progress is not None:
             progress(report.read, total, total)
@@ -199,13 +211,15 @@ def import_call(
         report.unknown_fields = summary.unknown_fields
         report.id_mismatches = summary.id_mismatches
         report.mismatches = summary.mismatches
-        report.seconds = time.perf_counter() - started
+        report.seconds = time.perf_counter() - began
         return report
 
     def run(d: Driver) -> ImportReport:
         # Nothing to compare against when the table is empty: the file's ids are distinct.
         check = ops.has_records(d)
-        with gc_paused(), d.bulk_load():
+        # The savepoint: an error leaves even a caller's transaction as it was; a part a
+        # worker could not read is rolled back and the whole file read here instead.
+        with gc_paused(), d.bulk_load(), d.savepoint(_SAVEPOINT) as roll_back:
             parse = open_parse(
                 target,
                 strict=strict,
@@ -213,19 +227,15 @@ def import_call(
                 workers=n_workers,
                 started=started,
             )
-            if isinstance(parse, FileParse):
+            try:
                 with parse:
                     return consume(d, parse, check)
-            with d.savepoint(_SAVEPOINT) as roll_back:
-                try:
-                    with parse:
-                        return consume(d, parse, check)
-                except PartsFailed as failure:
-                    # Read the whole file here instead: it names the first error, if any.
-                    logger.info("%s: %s; reading it in one process", target, failure)
-                    roll_back()
-                with FileParse(target, strict=strict, batch_records=BATCH_RECORDS) as parse:
-                    return consume(d, parse, check)
+            except PartsFailed as failure:
+                # Read the whole file here instead: it names the first error, if any.
+                logger.info("%s: %s; reading it in one process", target, failure)
+                roll_back()
+            with FileParse(target, strict=strict, batch_records=BATCH_RECORDS) as parse:
+                return consume(d, parse, check)
 
     return ops.Call("read" if dry_run else "write", run)
 
