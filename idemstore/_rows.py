@@ -11,7 +11,9 @@ Two paths turn a record into a row:
 * the fast one works on the record as the C JSON scanner returns it with
   ``object_pairs_hook=tuple`` (a tuple of ``(key, value)`` pairs), looks its field layout up
   in a cache (so duplicate or unknown fields cost one dict look-up per distinct layout) and
-  checks the types and ranges serde would check;
+  checks the types and ranges serde would check. Caches are keyed on keys, types, strings
+  and nulls only: never on other JSON values, where Python's ``1 == 1.0 == True`` would merge
+  different texts;
 * anything the fast path does not take goes to :func:`idemstore.jsonfile.validate_value`,
   which builds the row the slow way or refuses the record with serde's exact message.
 
@@ -235,6 +237,8 @@ _SOURCES: Final = frozenset(s.value for s in TenantSource)
 _LEGACY_TENANT: Final = ("local", "default", None, "system", TenantSource.EXPLICIT.value)
 _CACHE_LIMIT: Final = 10_000
 _NO_OUTCOME: Final[Row] = (None,) * 7
+_FLAT: Final = frozenset((str, type(None)))
+_VALUE: Final = itemgetter(1)
 _TOKENS_AT_ONCE: Final = 4096
 
 
@@ -314,7 +318,7 @@ class Converter:
         self._outcomes: dict[tuple[str, ...], _Layout] = {}
         self._tenants: dict[Any, tuple[Row, tuple[str, ...]]] = {}
         self._types: dict[tuple[type, ...], bool] = {}
-        self._details: dict[Any, str] = {}
+        self._details: dict[tuple[tuple[str, str | None], ...], str] = {}
         self._hashers: dict[tuple[Row, str], Callable[[str], str]] = {}
         self._tokens: Iterator[int] = iter(())
         # Tallies of the records converted but not yet committed (see chunk()).
@@ -413,19 +417,17 @@ class Converter:
                 raise _Slow
             if olayout.unknown:
                 unknown += olayout.unknown
-            try:
+            # Cached only for a flat object of strings and nulls, whose pairs are an exact key
+            # (1, 1.0 and true are equal in Python but different JSON).
+            if type(details) is tuple and _FLAT.issuperset(map(type, map(_VALUE, details))):
                 text = self._details.get(details)
-            except TypeError:  # holds a list: not hashable
-                text = None
-                cache = False
-            else:
-                cache = text is None
-            if text is None:
-                text = dump_details(jsonfile.plain_value(details))
-                if cache:
+                if text is None:
+                    text = dump_details(jsonfile.plain_value(details))
                     if len(self._details) >= _CACHE_LIMIT:
                         self._details.clear()
                     self._details[details] = text
+            else:
+                text = dump_details(jsonfile.plain_value(details))
             outcome = (kind, completed - _SHIFT, pk, pid, sk, sid, text)
         if fps is _ABSENT_LIST or not fps:
             fingerprints: tuple[str, ...] = ()

@@ -71,7 +71,7 @@ U32_MAX: Final = 2**32 - 1
 _CHUNK_BYTES: Final = 1 << 20
 _READ_AHEAD: Final = 1 << 16
 #: The records decoded at once by the chunk path are at least this many characters.
-_CHUNK_CHARS: Final = 1 << 18
+_CHUNK_CHARS: Final = 1 << 16
 _JSON_WS: Final = " \t\n\r"
 # char::is_whitespace in Rust (Unicode White_Space), used only by the "blank file" rule,
 # because the Rust reader tests ``raw.trim().is_empty() || raw.trim() == "{}"``.

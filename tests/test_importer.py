@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -726,3 +727,33 @@ def test_import_inside_a_callers_transaction(database: Database) -> None:
         assert store.stats().total == 8
     finally:
         store.close()
+
+
+def test_details_equal_in_python_but_not_in_json_are_kept_apart(tmp_path: Path) -> None:
+    # 1 == True == 1.0 and 0 == -0.0 == False in Python (same hash too): a cache keyed on the
+    # decoded values would store one record's details text for another's.
+    variants: list[Any] = [
+        *(1, True, 1.0, 0, False, -0.0, 0.0, "1", None, "None", [1], [True]),
+        *({"a": 1}, {"a": True}, {"a": "x"}, {"a": None}),
+    ]
+    base = datagen.generate_records(1, seed=21)[0]
+    records = []
+    for i, value in enumerate(variants):
+        key = f"k{i}"
+        tenant = base.tenant_context
+        records.append(
+            dataclasses.replace(
+                base,
+                record_id=idempotency_record_id(tenant, base.operation, key),
+                key=key,
+                status=RecordStatus.COMPLETED,
+                outcome=Outcome("accepted", 5, details={"flag": value}),
+            )
+        )
+    path = _write(tmp_path / "details.json", records)
+    with IdempotencyStore.from_url(f"sqlite:///{tmp_path / 'd.db'}", migrate=True) as store:
+        importer.import_file(store, path, workers=0)
+        for record in records:
+            got = _get(store, record)
+            assert got is not None and got.outcome is not None
+            assert json.dumps(got.outcome.details) == json.dumps(record.outcome.details)  # type: ignore[union-attr]
