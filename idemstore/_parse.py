@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, NoReturn
 
 from . import jsonfile
-from ._rows import REPORT_LIST_LIMIT, Converter, IdMismatch, gc_paused
+from ._rows import REPORT_LIST_LIMIT, Converter, IdMismatch, Row, gc_paused
 from .errors import FileFormatError, IdemstoreError
 
 __all__ = [
@@ -97,14 +97,18 @@ class ParseSummary:
         )
 
 
+def unreadable(path: str, error: OSError) -> FileFormatError:
+    """The error for a file that cannot be opened or measured."""
+    return FileFormatError(f"cannot read the file: {error.strerror}", path=path)
+
+
 def _open_reader(path: str, start: int, stop: int | None) -> jsonfile.RecordReader:
     try:
         return jsonfile.RecordReader(path, start=start, stop=stop)
     except OSError as error:
-        raise FileFormatError(f"cannot read the file: {error.strerror}", path=path) from None
+        raise unreadable(path, error) from None
 
 
-Row = tuple[Any, ...]
 #: At most ``batch_records`` rows (token last), the ``(record_id, fingerprint)`` pairs of their
 #: conflict fingerprints (each record's in first-seen order), how far into the file the parse
 #: has got, in bytes, and which part of the file the rows come from (0, 1, ... in file order).
@@ -244,7 +248,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="idemstore-parse-worker")
     parser.add_argument("path")
     parser.add_argument("--strict", action="store_true")
-    parser.add_argument("--batch", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=BATCH_RECORDS)
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--stop", type=int, default=None)
     args = parser.parse_args(argv)
@@ -394,14 +398,22 @@ class WorkerParse:
     then found by reading the whole file in order.
     """
 
-    def __init__(self, path: str, workers: list[_Worker], starts: list[int]) -> None:
+    def __init__(
+        self,
+        path: str,
+        workers: list[_Worker],
+        starts: list[int],
+        *,
+        strict: bool,
+        batch_records: int,
+    ) -> None:
         self.path = path
+        self.strict = strict
+        self.batch_records = batch_records
         self._workers = workers
         self._starts = starts
         self._summaries: list[ParseSummary | None] = [None] * len(workers)
         self.form = ""
-        self.strict = False
-        self.batch_records = 0
 
     @classmethod
     def spawn(
@@ -428,10 +440,13 @@ class WorkerParse:
                 w.close()
             logger.warning("cannot start a parse worker (%s): parsing in-process", error)
             return None
-        self = cls(path, started, [start for start, _ in ranges])
-        self.strict = strict
-        self.batch_records = batch_records
-        return self
+        return cls(
+            path,
+            started,
+            [start for start, _ in ranges],
+            strict=strict,
+            batch_records=batch_records,
+        )
 
     def greet(self) -> bool:
         """Read the workers' greetings: True if all are at work. False if one did not start

@@ -435,14 +435,14 @@ class Converter:
             if not all(type(f) is str for f in fps):
                 raise _Slow
             fingerprints = tuple(fps)
-        if len(fingerprints) > 1 or rid != map_key or unknown:
+        # The common case (one id computed, equal to the map key) needs no more of _check.
+        if (
+            len(fingerprints) > 1
+            or rid != map_key
+            or unknown
+            or self._hasher(tenant, op)(key) != map_key
+        ):
             self._check(map_key, rid, tenant, op, key, fingerprints, unknown)
-        else:  # the common case of _check, inline
-            hasher = self._hashers.get((tenant, op))
-            if hasher is None:
-                hasher = self._hasher(tenant, op)
-            if hasher(key) != map_key:
-                self._check(map_key, rid, tenant, op, key, fingerprints, unknown)
         token = next(self._tokens, None)
         if token is None:
             token = self._more_tokens()
@@ -498,10 +498,7 @@ class Converter:
                         f"conflict_fingerprints[{i}]",
                     )
                 seen.add(f)
-        hasher = self._hashers.get((tenant, operation))
-        if hasher is None:
-            hasher = self._hasher(tenant, operation)
-        computed = hasher(key)
+        computed = self._hasher(tenant, operation)(key)
         if record_id != map_key or computed != map_key:
             if self.strict:
                 raise jsonfile.RecordProblem(
@@ -514,11 +511,15 @@ class Converter:
             self._pending_unknown.append(unknown)
 
     def _hasher(self, tenant: Row, operation: str) -> Callable[[str], str]:
-        if len(self._hashers) >= _CACHE_LIMIT:
-            self._hashers.clear()
-        hasher = self._hashers[tenant, operation] = record_id_hasher(
-            tenant[0], tenant[1], tenant[2], operation
-        )
+        """The record-id function of this tenant and operation (kept per converter: a dict
+        look-up costs less than the lru_cache behind it)."""
+        hasher = self._hashers.get((tenant, operation))
+        if hasher is None:
+            if len(self._hashers) >= _CACHE_LIMIT:
+                self._hashers.clear()
+            hasher = self._hashers[tenant, operation] = record_id_hasher(
+                tenant[0], tenant[1], tenant[2], operation
+            )
         return hasher
 
     def _more_tokens(self) -> int:

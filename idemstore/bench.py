@@ -1351,7 +1351,6 @@ def _import_worker(
         if name == "default":
             peak = _peak_rss_bytes()
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    batches = []
     with gc_paused(), FileParse(path, strict=False, batch_records=BATCH_RECORDS) as parse:
         batches = [(rows, fps) for rows, fps, *_ in parse]
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -41,11 +40,13 @@ from ._parse import (
     PartsFailed,
     WorkerParse,
     default_workers,
+    logger,
     open_parse,
+    unreadable,
 )
-from ._rows import REPORT_LIST_LIMIT, IdMismatch, gc_paused
+from ._rows import REPORT_LIST_LIMIT, IdMismatch, Row, gc_paused
 from .dialects import Driver
-from .errors import FileFormatError, IdemstoreError
+from .errors import IdemstoreError
 from .store import IdempotencyStore
 
 if TYPE_CHECKING:
@@ -66,12 +67,9 @@ __all__ = [
 PROGRESS_MIN_BYTES: Final = 8 << 20
 _SAVEPOINT: Final = "idemstore_import"
 
-logger = logging.getLogger("idemstore.import")
 
 Progress = Callable[[int, int, int], None]
 """``progress(records_read, bytes_read, bytes_total)``, called after each batch."""
-
-Row = tuple[Any, ...]
 
 
 @dataclass(slots=True)
@@ -179,7 +177,7 @@ def import_call(
     try:
         total = os.path.getsize(target)
     except OSError as error:
-        raise FileFormatError(f"cannot read the file: {error.strerror}", path=target) from None
+        raise unreadable(target, error) from None
     n_workers = default_workers(total) if workers is None else workers
     if n_workers < 0:
         raise ValueError("workers must be 0 or more")

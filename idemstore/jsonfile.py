@@ -1190,21 +1190,21 @@ class RecordReader:
             except _FieldError as exc:
                 raise self._explain(src, map_key, exc, start=start) from None
             yield converted
-            if part_stop and src.exhausted():
-                self._part_done = True
-                return
-            if chunk is None or src.base + src.pos < retry_at:
-                continue
-            if boundary is None:
-                boundary = _record_boundary(src)
-            while boundary:
+            # Then as many chunks as the file allows, until the end of this part.
+            while True:
+                if part_stop and src.exhausted():
+                    self._part_done = True
+                    return
+                if chunk is None or src.base + src.pos < retry_at:
+                    break
+                if boundary is None:
+                    boundary = _record_boundary(src)
+                if not boundary:
+                    break
                 items, retry_at = self._chunk(src, chunk, boundary, seen_ids)
                 if items is None:
                     break  # record by record up to where that chunk would have ended
                 yield from items
-                if part_stop and src.exhausted():
-                    self._part_done = True
-                    return
 
     def _chunk(
         self,
