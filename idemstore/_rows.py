@@ -37,7 +37,15 @@ from typing import Any, Final
 from . import jsonfile
 from .errors import InvalidInputError
 from .ids import record_id_hasher
-from .model import U64_MAX, IdempotencyRecord, JSONValue, Outcome, RecordStatus, TenantSource
+from .model import (
+    U64_MAX,
+    U64_SHIFT,
+    IdempotencyRecord,
+    JSONValue,
+    Outcome,
+    RecordStatus,
+    TenantSource,
+)
 
 __all__ = [
     "REPORT_LIST_LIMIT",
@@ -57,9 +65,6 @@ Converted = tuple[Row, tuple[str, ...]]
 
 #: At most this many id mismatches are listed in a report (all are counted).
 REPORT_LIST_LIMIT: Final = 1000
-
-_SHIFT: Final = 2**63
-_U32_MAX: Final = 2**32 - 1
 
 
 @contextlib.contextmanager
@@ -134,7 +139,7 @@ def outcome_values(outcome: Outcome | None) -> Row:
         return (None,) * 7
     return (
         outcome.outcome_kind,
-        outcome.completed_at_ms - _SHIFT,
+        outcome.completed_at_ms - U64_SHIFT,
         outcome.primary_ref_kind,
         outcome.primary_ref_id,
         outcome.secondary_ref_kind,
@@ -160,12 +165,12 @@ def record_row(record: IdempotencyRecord, record_id: str | None = None) -> Row:
         record.owner,
         record.request_fingerprint,
         record.status.value,
-        record.first_seen_at_ms - _SHIFT,
-        record.last_seen_at_ms - _SHIFT,
+        record.first_seen_at_ms - U64_SHIFT,
+        record.last_seen_at_ms - U64_SHIFT,
         record.first_seen_event_id,
-        None if expires is None else expires - _SHIFT,
+        None if expires is None else expires - U64_SHIFT,
         *outcome_values(record.outcome),
-        record.conflict_count - _SHIFT,
+        record.conflict_count - U64_SHIFT,
     )
 
 
@@ -234,7 +239,14 @@ _OUTCOME_FIELDS: Final = jsonfile._OUTCOME_FIELDS
 _OUTCOME_TYPES: Final[tuple[_Types, ...]] = (_STR, _INT, _OPT_STR, _OPT_STR, _OPT_STR, _OPT_STR)
 _STATUSES: Final = frozenset(s.value for s in RecordStatus)
 _SOURCES: Final = frozenset(s.value for s in TenantSource)
-_LEGACY_TENANT: Final = ("local", "default", None, "system", TenantSource.EXPLICIT.value)
+# The legacy default tenant as row columns (jsonfile's TenantContext of it).
+_LEGACY_TENANT: Final = (
+    jsonfile._LEGACY_TENANT.org_id,
+    jsonfile._LEGACY_TENANT.workspace_id,
+    jsonfile._LEGACY_TENANT.deployment_id,
+    jsonfile._LEGACY_TENANT.actor_id,
+    jsonfile._LEGACY_TENANT.source.value,
+)
 _CACHE_LIMIT: Final = 10_000
 _NO_OUTCOME: Final[Row] = (None,) * 7
 _FLAT: Final = frozenset((str, type(None)))
@@ -374,7 +386,7 @@ class Converter:
             fields
         )
         if not (
-            0 <= sv <= _U32_MAX
+            0 <= sv <= jsonfile.U32_MAX
             and status in _STATUSES
             and 0 <= first <= U64_MAX
             and 0 <= last <= U64_MAX
@@ -428,7 +440,7 @@ class Converter:
                     self._details[details] = text
             else:
                 text = dump_details(jsonfile.plain_value(details))
-            outcome = (kind, completed - _SHIFT, pk, pid, sk, sid, text)
+            outcome = (kind, completed - U64_SHIFT, pk, pid, sk, sid, text)
         if fps is _ABSENT_LIST or not fps:
             fingerprints: tuple[str, ...] = ()
         else:
@@ -455,12 +467,12 @@ class Converter:
             owner,
             fp,
             status,
-            first - _SHIFT,
-            last - _SHIFT,
+            first - U64_SHIFT,
+            last - U64_SHIFT,
             event,
-            None if expires is None else expires - _SHIFT,
+            None if expires is None else expires - U64_SHIFT,
             *outcome,
-            count - _SHIFT,
+            count - U64_SHIFT,
             token,
         )
         return row, fingerprints

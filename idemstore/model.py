@@ -12,6 +12,8 @@ from typing import Final, TypeAlias, Union
 
 #: Largest value of a Rust ``u64``: counters saturate here, timestamps may not exceed it.
 U64_MAX: Final = 2**64 - 1
+#: A u64 is stored in a signed 64-bit column as ``value - U64_SHIFT`` (see ``schema``).
+U64_SHIFT: Final = 2**63
 #: The record/file schema version the Rust module writes.
 RECORD_SCHEMA_VERSION: Final = 1
 

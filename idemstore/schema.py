@@ -14,7 +14,7 @@ from typing import Any, Final
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 
-from .model import U64_MAX
+from .model import U64_MAX, U64_SHIFT
 
 #: The Alembic revision this version of the package needs (checked on open; a test keeps it
 #: equal to the head of ``migrations/``).
@@ -22,17 +22,15 @@ SCHEMA_REVISION: Final = "0001_initial"
 #: Alembic's version table for idemstore, kept apart from a host app's ``alembic_version``.
 VERSION_TABLE: Final = "idemstore_alembic_version"
 
-_U64_SHIFT: Final = 2**63
-
 
 def encode_u64(value: int) -> int:
     """Map a u64 onto the stored signed 64-bit value, keeping order."""
-    return value - _U64_SHIFT
+    return value - U64_SHIFT
 
 
 def decode_u64(stored: int) -> int:
     """Inverse of :func:`encode_u64`."""
-    return int(stored) + _U64_SHIFT
+    return int(stored) + U64_SHIFT
 
 
 #: Stored form of the largest u64 (the conflict-count saturation point).
