@@ -4,6 +4,7 @@ caller's. Synchronous; the async store reaches it in one hop per operation."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,10 +15,10 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Dialect
 
 from . import ops
-from .config import safe_url
+from .config import safe_url, sqlite_file
 from .dialects import Driver, is_lock_timeout, is_nul_in_text, lock_timeout_error
 from .errors import InvalidInputError, SchemaNotReadyError
-from .schema import SCHEMA_REVISION
+from .migrate import check_revisions
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -112,7 +113,9 @@ def run_in_caller(
 
 
 class SchemaGate:
-    """Checks once per store that the database is at the revision this package needs."""
+    """Checks once per store that the database is at the revision this package needs
+    (:func:`idemstore.migrate.check_revisions`), with one plain ``SELECT`` of the version
+    table: no Alembic, nothing written, and a missing SQLite file is reported, not created."""
 
     def __init__(self) -> None:
         self._ready = False
@@ -130,23 +133,21 @@ class SchemaGate:
         if self._ready:
             return
         where = safe_url(engine.url)
+        path = sqlite_file(engine.url)
+        if path is not None and not os.path.exists(path):
+            # Connecting would create an empty database there (or fail, read-only).
+            raise SchemaNotReadyError(
+                f"database {where} has no idemstore schema: its file {os.path.abspath(path)} "
+                "does not exist; run `idemstore migrate` to create it (or open the store with "
+                "migrate=True), or check the URL"
+            )
         # Connect first, so that a database that can't be reached is reported as such...
         with translated_errors(engine.dialect, busy_timeout_ms):
             engine.raw_connection().close()
         try:
-            revision = run_owned(engine, ops.schema_revision(), busy_timeout_ms)
+            found = run_owned(engine, ops.schema_revisions(), busy_timeout_ms)
         except sa_exc.DBAPIError as error:  # ...and a failing statement as no version table.
             logger.debug("schema check failed on %s: %s", where, error)
-            revision = None
-        if revision != SCHEMA_REVISION:
-            state = (
-                "has no idemstore schema"
-                if revision is None
-                else (f"is at idemstore schema revision {revision!r}")
-            )
-            raise SchemaNotReadyError(
-                f"database {where} {state}; this idemstore needs revision "
-                f"{SCHEMA_REVISION!r}: run `idemstore migrate` (or `alembic upgrade head`, "
-                "or open the store with migrate=True)"
-            )
+            found = ()
+        check_revisions(found, where)
         self._ready = True

@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import exc as sa_exc
 
 from . import __version__, ops
-from .config import ENV_VAR, resolve_url, safe_url
+from .config import ENV_VAR, redact, resolve_url, safe_url
 from .errors import IdemstoreError
 from .model import IdempotencyRecord, RecordStatus, TenantContext, TenantSource
 from .store import IdempotencyStore
@@ -63,8 +63,12 @@ def record_as_json(record: IdempotencyRecord) -> dict[str, Any]:
     return record_to_json(record)
 
 
-def _open(args: argparse.Namespace, *, migrate: bool = False) -> IdempotencyStore:
-    return IdempotencyStore.from_url(args.database_url, migrate=migrate)
+def _open(
+    args: argparse.Namespace, *, migrate: bool = False, read_only: bool = False
+) -> IdempotencyStore:
+    """The store at ``--database-url``; ``read_only`` for commands that only read (nothing
+    is created or changed, not even SQLite's journal mode)."""
+    return IdempotencyStore.from_url(args.database_url, migrate=migrate, read_only=read_only)
 
 
 def _tenant(args: argparse.Namespace) -> TenantContext:
@@ -85,7 +89,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    with _open(args) as store:
+    with _open(args, read_only=True) as store:
         stats = store.stats()
     by_status = {status.value: n for status, n in stats.by_status().items()}
     if args.json:
@@ -119,7 +123,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    with _open(args) as store:
+    with _open(args, read_only=True) as store:
         record = store.get(_tenant(args), args.operation, args.key)
     if record is None:
         print("no such record", file=sys.stderr)
@@ -264,9 +268,10 @@ def main(argv: Sequence[str] | None = None, *, prestarted: Any = None) -> int:
         print(f"idemstore: error: {error}", file=sys.stderr)
         return 2
     except sa_exc.DBAPIError as error:
+        url = resolve_url(args.database_url)
         reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
         print(
-            f"idemstore: database error on {safe_url(resolve_url(args.database_url))}: {reason}",
+            f"idemstore: database error on {safe_url(url)}: {redact(reason, url)}",
             file=sys.stderr,
         )
         return 2

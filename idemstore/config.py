@@ -3,12 +3,18 @@
 URL: the argument, else ``IDEMSTORE_DATABASE_URL``, else ``sqlite:///idemstore.db``. The same
 URL serves the sync and the async store: the driver is swapped to the matching one
 (``sqlite`` <-> ``sqlite+aiosqlite``, ``postgresql+psycopg`` <-> ``postgresql+asyncpg``).
+
+A URL is shown only through :func:`safe_url`, which masks the password and every query
+parameter named like a secret.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import quote, quote_plus, unquote
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
@@ -46,12 +52,18 @@ _ASYNC_DRIVERS: Final = {
 
 
 def resolve_url(url: str | URL | None = None) -> URL:
-    """The database URL: ``url``, else ``$IDEMSTORE_DATABASE_URL``, else the SQLite default."""
+    """The database URL: ``url``, else ``$IDEMSTORE_DATABASE_URL``, else the SQLite default.
+
+    Raises :class:`ConfigurationError` for text that is not a URL (without repeating it: it
+    may hold a password)."""
     raw = url if url is not None else os.environ.get(ENV_VAR) or DEFAULT_URL
     try:
         return make_url(raw)
-    except ArgumentError as error:
-        raise ConfigurationError(f"not a database URL: {error}") from None
+    except (ArgumentError, ValueError):
+        raise ConfigurationError(
+            "not a database URL: expected dialect+driver://user:password@host:port/database "
+            "(percent-encode @, : and / inside a password), or sqlite:///path/to/file.db"
+        ) from None
 
 
 def _with_driver(url: URL, drivers: dict[str, str], kind: str) -> URL:
@@ -60,6 +72,11 @@ def _with_driver(url: URL, drivers: dict[str, str], kind: str) -> URL:
         raise ConfigurationError(
             f"no {kind} driver for {url.drivername!r}: idemstore supports sqlite, "
             "sqlite+aiosqlite, postgresql+psycopg and postgresql+asyncpg"
+        )
+    if name.startswith("sqlite") and (url.username or url.password or url.host or url.port):
+        raise ConfigurationError(
+            f"a SQLite URL names a file, not a user or host: {safe_url(url)} (use "
+            "sqlite:///relative/path.db or sqlite:////absolute/path.db)"
         )
     return url.set(drivername=name)
 
@@ -72,13 +89,119 @@ def async_url(url: str | URL | None = None) -> URL:
     return _with_driver(resolve_url(url), _ASYNC_DRIVERS, "asyncio")
 
 
+#: A query parameter whose name matches this holds a secret (libpq/psycopg ``password``,
+#: ``sslpassword``, ``passfile``, ``sslkey``; asyncpg ``password``; any ``*token*``,
+#: ``*secret*``, ``*key*``, ``*pwd*``, ``*auth*``, ``*cred*``; a whole ``dsn``/``conninfo``).
+_SECRET_NAME: Final = re.compile(r"pass|pwd|secret|token|key|auth|cred|dsn|conninfo", re.I)
+#: A query value that itself carries ``name=value`` settings with a secret among them.
+_SECRET_SETTING: Final = re.compile(r"(pass|pwd|secret|token|key)\w*\s*[=:]", re.I)
+MASK: Final = "***"
+
+
+def _is_secret(name: str, value: str) -> bool:
+    return bool(_SECRET_NAME.search(name) or _SECRET_SETTING.search(value))
+
+
 def safe_url(url: str | URL) -> str:
-    """The URL as text with any password masked (for messages and logs)."""
-    return make_url(url).render_as_string(hide_password=True)
+    """The URL as text for messages and logs: the password and every query parameter that may
+    hold a secret (see ``_SECRET_NAME``) shown as ``***``. A SQLite file that idemstore opened
+    read-only (:func:`read_only_url`) is shown as the plain ``sqlite:///`` URL of the file.
+    Text that is not a URL is not repeated."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return "(not a database URL)"
+    plain = _plain_sqlite(parsed)
+    if plain is not None:
+        parsed = plain
+    text = parsed.set(query={}).render_as_string(hide_password=True)
+    if not parsed.query:
+        return text
+    pairs = []
+    for name in sorted(parsed.query):
+        values = parsed.query[name]
+        values = (values,) if isinstance(values, str) else tuple(values)
+        if any(_is_secret(name, value) for value in values):
+            pairs.append(f"{quote_plus(name)}={MASK}")
+        else:
+            pairs.extend(f"{quote_plus(name)}={quote_plus(value)}" for value in values)
+    return f"{text}?{'&'.join(pairs)}"
+
+
+def redact(text: str, url: str | URL) -> str:
+    """``text`` (a driver's message) with every secret of ``url`` replaced by ``***``, in
+    case the driver repeated one."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return text
+    secrets = [str(parsed.password)] if parsed.password else []
+    for name, values in parsed.query.items():
+        for value in (values,) if isinstance(values, str) else values:
+            if _is_secret(name, value):
+                secrets.append(value)
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= 3:
+            text = text.replace(secret, MASK)
+    return text
 
 
 def is_memory_sqlite(url: URL) -> bool:
     return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+
+
+def _uri_query(url: URL) -> dict[str, Any] | None:
+    """The query of a SQLite URI URL (``?uri=true``), or None for a plain file URL."""
+    uri = str(url.query.get("uri", "")).lower()
+    return dict(url.query) if uri in ("1", "true", "yes", "on") else None
+
+
+def read_only_url(url: URL) -> URL:
+    """``url`` for reading only. A SQLite file becomes SQLite's ``mode=ro`` URI
+    (``sqlite:///file:PATH?mode=ro&uri=true``): opening it never creates the file, and nothing
+    can write to it. Other URLs (PostgreSQL, in-memory SQLite) are returned as they are."""
+    if url.get_backend_name() != "sqlite" or is_memory_sqlite(url):
+        return url
+    query = _uri_query(url)
+    if query is not None:
+        if query.get("mode") == "memory":
+            return url
+        return url.set(query={**query, "mode": "ro"})
+    path = quote(str(url.database), safe="/")
+    return url.set(database=f"file:{path}", query={**url.query, "mode": "ro", "uri": "true"})
+
+
+def is_read_only_sqlite(url: URL) -> bool:
+    """Whether ``url`` opens a SQLite file read-only (``mode=ro`` in a URI URL)."""
+    query = _uri_query(url)
+    return url.get_backend_name() == "sqlite" and query is not None and query.get("mode") == "ro"
+
+
+def sqlite_file(url: URL) -> str | None:
+    """The path of the SQLite file ``url`` opens (relative to the working directory, as
+    SQLite takes it), or None for an in-memory database or another backend."""
+    if url.get_backend_name() != "sqlite" or is_memory_sqlite(url):
+        return None
+    database = str(url.database)
+    query = _uri_query(url)
+    if query is None or not database.startswith("file:"):
+        return database
+    if query.get("mode") == "memory":
+        return None
+    path = database[len("file:") :].split("?", 1)[0].split("#", 1)[0]
+    if path.startswith("//"):  # file://host/path: SQLite takes only an empty host or localhost
+        path = "/" + path[2:].partition("/")[2]
+    path = unquote(path)
+    return None if path in ("", ":memory:") else path
+
+
+def _plain_sqlite(url: URL) -> URL | None:
+    """``sqlite:///PATH`` for a URL that :func:`read_only_url` made of it, else None."""
+    query = _uri_query(url)
+    if query is None or set(query) != {"uri", "mode"} or query["mode"] != "ro":
+        return None
+    path = sqlite_file(url)
+    return None if path is None else url.set(database=path, query={})
 
 
 def _sqlite_options(url: URL, engine_options: dict[str, Any]) -> dict[str, Any]:
@@ -99,7 +222,23 @@ def _sqlite_events(engine: sa.Engine, url: URL, synchronous: str, busy_timeout_m
         synchronous=synchronous,
         busy_timeout_ms=busy_timeout_ms,
         memory=is_memory_sqlite(url),
+        read_only=is_read_only_sqlite(url),
     )
+
+
+def _read_only_transactions(engine: sa.Engine) -> None:
+    """Every transaction on ``engine``'s PostgreSQL connections is ``READ ONLY``."""
+    # Imported here: only a PostgreSQL engine gets here, and it has loaded the dialect.
+    from sqlalchemy.dialects.postgresql.base import PGDialect
+
+    dialect = engine.dialect
+    assert isinstance(dialect, PGDialect)
+    # psycopg: ``Connection.read_only``; asyncpg: the adapter's transactions (untyped there).
+    set_readonly: Callable[[Any, bool], None] = dialect.set_readonly
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        set_readonly(dbapi_connection, True)
 
 
 def create_engine(
@@ -107,6 +246,7 @@ def create_engine(
     *,
     synchronous: str = DEFAULT_SYNCHRONOUS,
     busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    read_only: bool = False,
     **engine_options: Any,
 ) -> sa.Engine:
     """A synchronous engine with idemstore's settings.
@@ -116,13 +256,24 @@ def create_engine(
     every write; NORMAL in WAL mode can lose the last commits on power loss, never corrupt).
     SQLAlchemy transactions begin with ``BEGIN IMMEDIATE``. Other options go to
     :func:`sqlalchemy.create_engine`.
+
+    ``read_only=True`` opens the database for reading only: a SQLite file through SQLite's
+    ``mode=ro`` (a missing file is not created, the journal mode is left as it is, a write
+    fails with the driver's "readonly database" error); on PostgreSQL every transaction is
+    ``READ ONLY``. A SQLite URL that already says ``mode=ro&uri=true`` is read-only too.
+    Raises :class:`ConfigurationError` for a URL idemstore cannot use.
     """
     resolved = sync_url(url)
+    if read_only:
+        resolved = read_only_url(resolved)
     if resolved.get_backend_name() == "sqlite":
         engine = sa.create_engine(resolved, **_sqlite_options(resolved, engine_options))
         _sqlite_events(engine, resolved, synchronous, busy_timeout_ms)
         return engine
-    return sa.create_engine(resolved, **engine_options)
+    engine = sa.create_engine(resolved, **engine_options)
+    if read_only:
+        _read_only_transactions(engine)
+    return engine
 
 
 def create_async_engine(
@@ -130,15 +281,22 @@ def create_async_engine(
     *,
     synchronous: str = DEFAULT_SYNCHRONOUS,
     busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    read_only: bool = False,
     **engine_options: Any,
 ) -> AsyncEngine:
-    """An asyncio engine with idemstore's settings (see :func:`create_engine`)."""
+    """An asyncio engine with idemstore's settings (see :func:`create_engine`, also for
+    ``read_only``)."""
     # Imported here: it brings asyncio and sqlalchemy.orm, which the sync store never needs.
     from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine
 
     resolved = async_url(url)
+    if read_only:
+        resolved = read_only_url(resolved)
     if resolved.get_backend_name() == "sqlite":
         engine = sa_create_async_engine(resolved, **_sqlite_options(resolved, engine_options))
         _sqlite_events(engine.sync_engine, resolved, synchronous, busy_timeout_ms)
         return engine
-    return sa_create_async_engine(resolved, **engine_options)
+    engine = sa_create_async_engine(resolved, **engine_options)
+    if read_only:
+        _read_only_transactions(engine.sync_engine)
+    return engine

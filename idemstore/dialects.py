@@ -384,8 +384,11 @@ def lock_timeout_error(error: BaseException, busy_timeout_ms: int | None) -> Loc
 # -- SQLite connection setup ---------------------------------------------------------------
 
 
-def sqlite_connect_pragmas(*, synchronous: str, busy_timeout_ms: int, memory: bool) -> list[str]:
-    """The pragmas every idemstore SQLite connection runs when it opens."""
+def sqlite_connect_pragmas(
+    *, synchronous: str, busy_timeout_ms: int, memory: bool, read_only: bool = False
+) -> list[str]:
+    """The pragmas every idemstore SQLite connection runs when it opens. WAL is switched on
+    for a file opened read-write only: ``read_only`` leaves the journal mode as it is."""
     level = synchronous.upper()
     if level not in SQLITE_SYNCHRONOUS:
         raise ConfigurationError(
@@ -394,14 +397,19 @@ def sqlite_connect_pragmas(*, synchronous: str, busy_timeout_ms: int, memory: bo
     if busy_timeout_ms < 0:
         raise ConfigurationError(f"busy_timeout_ms must be >= 0, not {busy_timeout_ms}")
     pragmas = [f"PRAGMA busy_timeout = {int(busy_timeout_ms)}", "PRAGMA foreign_keys = ON"]
-    if not memory:
+    if not memory and not read_only:
         pragmas.append("PRAGMA journal_mode = WAL")
     pragmas.append(f"PRAGMA synchronous = {level}")
     return pragmas
 
 
 def install_sqlite_listeners(
-    engine: sa.Engine, *, synchronous: str, busy_timeout_ms: int, memory: bool
+    engine: sa.Engine,
+    *,
+    synchronous: str,
+    busy_timeout_ms: int,
+    memory: bool,
+    read_only: bool = False,
 ) -> None:
     """Make every connection of ``engine`` use idemstore's SQLite settings, and make
     SQLAlchemy transactions real ones that begin with ``BEGIN IMMEDIATE``.
@@ -411,7 +419,7 @@ def install_sqlite_listeners(
     takes the write lock up front instead of upgrading a deferred read.
     """
     pragmas = sqlite_connect_pragmas(
-        synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, memory=memory
+        synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, memory=memory, read_only=read_only
     )
 
     @sa.event.listens_for(engine, "connect")

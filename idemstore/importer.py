@@ -434,7 +434,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    with IdempotencyStore.from_url(args.database_url) as store:
+    with IdempotencyStore.from_url(args.database_url, read_only=True) as store:
         count = export_file(store, args.file)
     _out(f"exported {count} record(s) to {args.file}")
     return 0

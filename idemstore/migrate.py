@@ -1,24 +1,36 @@
-"""Alembic, driven from code.
+"""Alembic, driven from code, and the rules for the revision a database is at.
 
 The migrations live in ``migrations/`` at the top of the repository and travel inside the wheel
 as ``idemstore/migrations``. Alembic's ``Config`` is built here, so ``alembic.ini`` needs no URL
 and ``idemstore migrate`` / ``store.migrate()`` work from an installed wheel.
 
 Alembic is imported by the functions that use it: opening a store checks the schema revision
-with a plain ``SELECT`` (:func:`idemstore.ops.schema_revision`) and never needs it.
+with a plain ``SELECT`` (:func:`idemstore.ops.schema_revisions`) against
+:data:`~idemstore.schema.SCHEMA_REVISIONS` (:func:`check_revisions`) and never needs it.
+
+Many instances may migrate one database at once: each upgrade runs in one transaction that
+first takes :func:`lock_for_migration` (PostgreSQL: an advisory lock; SQLite: the write lock,
+``BEGIN IMMEDIATE``), so the others wait, then find the schema at head and do nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
-from .errors import ConfigurationError
-from .schema import VERSION_TABLE
+from . import __version__
+from .config import safe_url
+from .errors import ConfigurationError, SchemaNotReadyError
+from .schema import SCHEMA_REVISIONS, VERSION_TABLE
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
     from alembic.config import Config
+
+#: First key of the PostgreSQL advisory lock around migrations ("idms"); the second is a hash
+#: of the schema migrated, so that schemas of one database migrate independently.
+MIGRATION_LOCK_KEY: Final = 0x69646D73
 
 
 def migrations_dir() -> Path:
@@ -43,6 +55,8 @@ def alembic_config(connection: sa.Connection | None = None) -> Config:
 
 
 def head_revision() -> str:
+    """The head of ``migrations/`` as Alembic reads it (a test keeps it equal to
+    :data:`~idemstore.schema.SCHEMA_REVISION`)."""
     from alembic.script import ScriptDirectory
 
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
@@ -51,22 +65,108 @@ def head_revision() -> str:
     return head
 
 
-def current_revision(connection: sa.Connection) -> str | None:
+def current_revisions(connection: sa.Connection) -> tuple[str, ...]:
+    """Every row of idemstore's version table, sorted (none when it is missing or empty)."""
     from alembic.runtime.migration import MigrationContext
 
     context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
-    return context.get_current_revision()
+    return tuple(sorted(context.get_current_heads()))
+
+
+def current_revision(connection: sa.Connection) -> str | None:
+    """The revision the database is at; None before the first migration. Raises
+    :class:`SchemaNotReadyError` when the version table holds more than one row."""
+    found = current_revisions(connection)
+    if len(found) > 1:
+        check_revisions(found, safe_url(connection.engine.url), migrating=True)
+    return found[0] if found else None
+
+
+def check_revisions(
+    found: Sequence[str],
+    where: str,
+    *,
+    migrating: bool = False,
+    known: Sequence[str] = SCHEMA_REVISIONS,
+) -> None:
+    """Whether the version-table rows ``found`` are a state this package can work with.
+
+    ``migrating=False`` (a store): exactly the head, the last of ``known``.
+    ``migrating=True`` (before an upgrade): no row, or one revision of ``known``.
+
+    ``where`` names the database in the message (render it with
+    :func:`~idemstore.config.safe_url`). Raises :class:`SchemaNotReadyError` with one line
+    naming the revisions found and the one this package needs: an older known revision or
+    no schema says to run ``idemstore migrate``; an unknown (newer) revision, or more than
+    one row, says what to do instead, since migrating cannot help.
+    """
+    head = known[-1]
+    refused = "; nothing was migrated" if migrating else ""
+    if len(found) > 1:
+        listed = ", ".join(repr(revision) for revision in found)
+        raise SchemaNotReadyError(
+            f"database {where} has {len(found)} rows in idemstore's version table "
+            f"{VERSION_TABLE} ({listed}); this idemstore ({__version__}) needs one, "
+            f"{head!r}: delete the rows of the revisions its schema is not at{refused}"
+        )
+    if found and found[0] not in known:
+        raise SchemaNotReadyError(
+            f"database {where} is at idemstore schema revision {found[0]!r}, which this "
+            f"idemstore ({__version__}) does not know (it needs {head!r}): a newer idemstore "
+            f"migrated it; use that version{refused}"
+        )
+    if migrating or tuple(found) == (head,):
+        return
+    state = f"is at idemstore schema revision {found[0]!r}" if found else "has no idemstore schema"
+    raise SchemaNotReadyError(
+        f"database {where} {state}; this idemstore needs revision {head!r}: run "
+        "`idemstore migrate` (or `alembic upgrade head`, or open the store with migrate=True)"
+    )
+
+
+def lock_for_migration(connection: sa.Connection) -> None:
+    """Make the migration about to run on ``connection`` (in its transaction) the only one
+    on its database until that transaction ends. Call it before anything reads the version
+    table; calling it again in the same transaction does nothing more.
+
+    PostgreSQL: ``pg_advisory_xact_lock`` keyed on idemstore and the current schema (other
+    instances wait for this transaction to end). SQLite: the write lock, taken with
+    ``BEGIN IMMEDIATE`` unless the connection's transaction has begun at the driver already
+    (idemstore's engines begin every transaction that way).
+    """
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        connection.exec_driver_sql(
+            f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY}, "
+            "hashtext(coalesce(current_schema(), '')))"
+        )
+    elif dialect == "sqlite":
+        driver_connection = connection.connection.driver_connection
+        if not getattr(driver_connection, "in_transaction", True):
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _prepare(connection: sa.Connection) -> None:
+    lock_for_migration(connection)
+    check_revisions(current_revisions(connection), safe_url(connection.engine.url), migrating=True)
 
 
 def upgrade(connection: sa.Connection, revision: str = "head") -> None:
-    """Upgrade the database behind ``connection`` (in its transaction) to ``revision``."""
+    """Upgrade the database behind ``connection`` (in its transaction) to ``revision``.
+
+    Safe to run from many instances at once (:func:`lock_for_migration`). Raises
+    :class:`SchemaNotReadyError`, changing nothing, when the database is at a revision this
+    package does not know or its version table has more than one row."""
     from alembic import command
 
+    _prepare(connection)
     command.upgrade(alembic_config(connection), revision)
 
 
 def downgrade(connection: sa.Connection, revision: str) -> None:
-    """Downgrade the database behind ``connection`` (in its transaction) to ``revision``."""
+    """Downgrade the database behind ``connection`` (in its transaction) to ``revision``
+    (under the same lock and checks as :func:`upgrade`)."""
     from alembic import command
 
+    _prepare(connection)
     command.downgrade(alembic_config(connection), revision)

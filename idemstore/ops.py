@@ -570,12 +570,13 @@ def stats() -> Call[Stats]:
     return Call("read", run)
 
 
-def schema_revision() -> Call[str | None]:
-    """The Alembic revision the database is at (raises if the version table is missing)."""
+def schema_revisions() -> Call[tuple[str, ...]]:
+    """Every row of idemstore's Alembic version table, sorted: one when the database is at a
+    revision, none before the first migration (raises if the version table is missing)."""
 
-    def run(d: Driver) -> str | None:
+    def run(d: Driver) -> tuple[str, ...]:
         rows = d.execute("schema_revision", _build_schema_revision)
-        return str(rows[0][0]) if rows else None
+        return tuple(sorted(str(row[0]) for row in rows))
 
     return Call("read", run)
 
@@ -737,6 +738,6 @@ __all__ = [
     "release",
     "reserve",
     "rust_trim",
-    "schema_revision",
+    "schema_revisions",
     "stats",
 ]

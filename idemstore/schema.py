@@ -16,9 +16,12 @@ from sqlalchemy.engine import Dialect
 
 from .model import U64_MAX, U64_SHIFT
 
-#: The Alembic revision this version of the package needs (checked on open; a test keeps it
-#: equal to the head of ``migrations/``).
-SCHEMA_REVISION: Final = "0001_initial"
+#: Every Alembic revision this version of the package knows, oldest first: one line per
+#: script in ``migrations/versions`` (a test keeps them equal). Opening a store compares the
+#: version table with these, without loading Alembic.
+SCHEMA_REVISIONS: Final[tuple[str, ...]] = ("0001_initial",)
+#: The revision this version of the package needs: the head of ``migrations/``.
+SCHEMA_REVISION: Final = SCHEMA_REVISIONS[-1]
 #: Alembic's version table for idemstore, kept apart from a host app's ``alembic_version``.
 VERSION_TABLE: Final = "idemstore_alembic_version"
 

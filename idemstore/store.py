@@ -12,6 +12,7 @@ from . import ops
 from ._runner import SchemaGate, run_in_caller, run_owned
 from .config import DEFAULT_SYNCHRONOUS, create_engine
 from .dialects import DEFAULT_BUSY_TIMEOUT_MS
+from .errors import ConfigurationError
 from .migrate import upgrade
 from .model import IdempotencyRecord, Outcome, Reservation, TenantContext
 
@@ -58,17 +59,30 @@ class IdempotencyStore:
         migrate: bool = False,
         synchronous: str = DEFAULT_SYNCHRONOUS,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+        read_only: bool = False,
         **engine_options: Any,
     ) -> IdempotencyStore:
         """Open the store at ``url`` (else ``$IDEMSTORE_DATABASE_URL``, else
         ``sqlite:///idemstore.db``). ``migrate=True`` upgrades the schema to head first;
-        ``synchronous`` is SQLite's durability setting (FULL, NORMAL, OFF, EXTRA)."""
+        ``synchronous`` is SQLite's durability setting (FULL, NORMAL, OFF, EXTRA);
+        ``read_only=True`` opens the database for reading only (see
+        :func:`idemstore.create_engine`): no file is created, nothing is written."""
+        if migrate and read_only:
+            raise ConfigurationError("migrate=True writes the schema: open without read_only")
         engine = create_engine(
-            url, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, **engine_options
+            url,
+            synchronous=synchronous,
+            busy_timeout_ms=busy_timeout_ms,
+            read_only=read_only,
+            **engine_options,
         )
         store = cls(engine, busy_timeout_ms=busy_timeout_ms, dispose_engine=True)
         if migrate:
-            store.migrate()
+            try:
+                store.migrate()
+            except BaseException:
+                store.close()
+                raise
         return store
 
     @property

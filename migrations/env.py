@@ -5,6 +5,10 @@ the migrations on a connection it holds (Alembic cookbook); else from ``-x url=.
 ``$IDEMSTORE_DATABASE_URL``, else ``sqlite:///idemstore.db``. Async URLs run through
 ``AsyncConnection.run_sync``. Only idemstore's tables are compared by autogenerate, so the
 schema can live beside an application's own.
+
+Every run takes idemstore's migration lock in its transaction before Alembic reads the version
+table (:func:`idemstore.migrate.lock_for_migration`), so that ``alembic upgrade head`` from
+many instances at once is safe too.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import sqlalchemy as sa
 from alembic import context
 
 from idemstore.config import create_async_engine, create_engine, resolve_url
+from idemstore.migrate import lock_for_migration
 from idemstore.schema import VERSION_TABLE, metadata
 
 config = context.config
@@ -46,6 +51,7 @@ def _url() -> sa.URL:
 
 
 def run_on(connection: sa.Connection) -> None:
+    lock_for_migration(connection)
     _configure(connection=connection)
     with context.begin_transaction():
         context.run_migrations()
