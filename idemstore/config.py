@@ -46,12 +46,18 @@ _ASYNC_DRIVERS: Final = {
 
 
 def resolve_url(url: str | URL | None = None) -> URL:
-    """The database URL: ``url``, else ``$IDEMSTORE_DATABASE_URL``, else the SQLite default."""
+    """The database URL: ``url``, else ``$IDEMSTORE_DATABASE_URL``, else the SQLite default.
+    Raises :class:`ConfigurationError` (without the URL, which may hold a password) for one
+    that cannot be parsed."""
     raw = url if url is not None else os.environ.get(ENV_VAR) or DEFAULT_URL
     try:
         return make_url(raw)
-    except ArgumentError as error:
-        raise ConfigurationError(f"not a database URL: {error}") from None
+    except (ArgumentError, ValueError, TypeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigurationError(
+            f"not a database URL ({reason}); expected e.g. sqlite:///idemstore.db or "
+            "postgresql://user@host/database"
+        ) from None
 
 
 def _with_driver(url: URL, drivers: dict[str, str], kind: str) -> URL:
@@ -75,6 +81,20 @@ def async_url(url: str | URL | None = None) -> URL:
 def safe_url(url: str | URL) -> str:
     """The URL as text with any password masked (for messages and logs)."""
     return make_url(url).render_as_string(hide_password=True)
+
+
+#: The package that brings each database's drivers.
+_EXTRAS: Final = {"postgresql": "pip install 'idemstore[postgresql]'"}
+
+
+def _driver_missing(url: URL, error: ImportError) -> ConfigurationError:
+    """The error for a driver module that cannot be imported (an extra not installed)."""
+    backend = url.get_backend_name()
+    fix = _EXTRAS.get(backend, f"install the {url.get_driver_name()} package")
+    module = error.name or str(error)
+    return ConfigurationError(
+        f"the {url.drivername} driver cannot be imported ({module}: {error}): {fix}"
+    )
 
 
 def is_memory_sqlite(url: URL) -> bool:
@@ -118,11 +138,14 @@ def create_engine(
     :func:`sqlalchemy.create_engine`.
     """
     resolved = sync_url(url)
-    if resolved.get_backend_name() == "sqlite":
-        engine = sa.create_engine(resolved, **_sqlite_options(resolved, engine_options))
-        _sqlite_events(engine, resolved, synchronous, busy_timeout_ms)
-        return engine
-    return sa.create_engine(resolved, **engine_options)
+    try:
+        if resolved.get_backend_name() == "sqlite":
+            engine = sa.create_engine(resolved, **_sqlite_options(resolved, engine_options))
+            _sqlite_events(engine, resolved, synchronous, busy_timeout_ms)
+            return engine
+        return sa.create_engine(resolved, **engine_options)
+    except ImportError as error:
+        raise _driver_missing(resolved, error) from None
 
 
 def create_async_engine(
@@ -137,8 +160,11 @@ def create_async_engine(
     from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine
 
     resolved = async_url(url)
-    if resolved.get_backend_name() == "sqlite":
-        engine = sa_create_async_engine(resolved, **_sqlite_options(resolved, engine_options))
-        _sqlite_events(engine.sync_engine, resolved, synchronous, busy_timeout_ms)
-        return engine
-    return sa_create_async_engine(resolved, **engine_options)
+    try:
+        if resolved.get_backend_name() == "sqlite":
+            engine = sa_create_async_engine(resolved, **_sqlite_options(resolved, engine_options))
+            _sqlite_events(engine.sync_engine, resolved, synchronous, busy_timeout_ms)
+            return engine
+        return sa_create_async_engine(resolved, **engine_options)
+    except ImportError as error:
+        raise _driver_missing(resolved, error) from None

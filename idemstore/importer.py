@@ -306,7 +306,11 @@ def export_call(path: str | os.PathLike[str]) -> ops.Call[int]:
     jsonfile.check_writable(target)
 
     def run(d: Driver) -> int:
-        return jsonfile.write_records(target, ops.iter_records_in_id_order(d))
+        records = ops.iter_records_in_id_order(d)
+        try:
+            return jsonfile.write_records(target, records)
+        finally:
+            records.close()  # its cursor, while the connection is open (also on an error)
 
     return ops.Call("read", run)
 

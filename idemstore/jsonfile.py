@@ -1868,17 +1868,22 @@ def _dump_iterative(value: object, indent: str, out: list[str], sort: bool) -> N
             return
 
 
-def _dump_details(details: object, indent: str, out: list[str], record_id: str) -> None:
-    """Append outcome details (keys sorted), refusing details the Rust store could not read
-    back (nested more than MAX_DETAILS_DEPTH deep: possible only in a database written before
-    idemstore checked it)."""
+def _dump_details(
+    details: object, indent: str, out: list[str], record_id: str, *, for_rust: bool
+) -> None:
+    """Append outcome details (keys sorted). ``for_rust``: refuse details the Rust store could
+    not read back (nested more than MAX_DETAILS_DEPTH deep: possible only in a database
+    written before idemstore checked it)."""
     mark = len(out)
     try:
         _dump(details, indent, out, True)
     except RecursionError:  # deep details, and not enough stack left for _dump
         del out[mark:]
         _dump_iterative(details, indent, out, True)
-    if sum(part.count("[") + part.count("{") for part in out[mark:]) > MAX_DETAILS_DEPTH:
+    if (
+        for_rust
+        and sum(part.count("[") + part.count("{") for part in out[mark:]) > MAX_DETAILS_DEPTH
+    ):
         text = "".join(out[mark:])
         if jsonvalue.first_too_deep(text, limit=MAX_DETAILS_DEPTH) is not None:
             raise InvalidInputError(
@@ -1888,11 +1893,12 @@ def _dump_details(details: object, indent: str, out: list[str], record_id: str) 
 
 
 def record_text(record: IdempotencyRecord) -> str:
-    """One record as the Rust store writes it in its file (``serde_json`` pretty form)."""
-    return _record_text(record, "")
+    """One record as the Rust store writes it in its file (``serde_json`` pretty form), for
+    showing it (whatever its details)."""
+    return _record_text(record, "", for_rust=False)
 
 
-def _record_text(record: IdempotencyRecord, indent: str) -> str:
+def _record_text(record: IdempotencyRecord, indent: str, *, for_rust: bool = True) -> str:
     d = record_to_json(record)
     details: object = _MISSING
     outcome = d.get("outcome")
@@ -1913,7 +1919,7 @@ def _record_text(record: IdempotencyRecord, indent: str) -> str:
                 _dump(v2, inner2, out, False)
                 out.append(",")
             out.append(f'\n{inner2}"details": ')
-            _dump_details(details, inner2, out, record.record_id)
+            _dump_details(details, inner2, out, record.record_id, for_rust=for_rust)
             out.append(f"\n{inner}}}")
         else:
             _dump(v, inner, out, False)

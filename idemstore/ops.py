@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Generic, Literal, TypeVar
 
@@ -722,7 +722,9 @@ def insert_rows(
     d.executemany("bulk_fingerprints", _build_bulk_fingerprint, fingerprints)
 
 
-def iter_records_in_id_order(d: Driver, page_size: int = 1000) -> Iterator[IdempotencyRecord]:
+def iter_records_in_id_order(
+    d: Driver, page_size: int = 1000
+) -> Generator[IdempotencyRecord, None, None]:
     """Every record, in binary ``record_id`` order, streamed ``page_size`` rows at a time."""
     for page in d.stream("export", _build_export, size=page_size):
         fingerprints = _fingerprints_of(d, [row[0] for row in page])

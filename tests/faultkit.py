@@ -81,23 +81,49 @@ def command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "idemstore"]
 
 
+_PR_CAPBSET_DROP = 24
+_CAP_DAC_OVERRIDE = 1
+_CAP_DAC_READ_SEARCH = 2
+
+
+def _drop_file_override() -> None:  # pragma: no cover - runs in the child, before exec
+    """Drop root's power to read and write past file permissions (from the capability
+    bounding set: the command then runs as root without it)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH):
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def as_ordinary_user() -> bool:
+    """Whether :func:`run_cli` (``ordinary=True``) runs the command bound by file permissions:
+    a non-root user is; root is once it drops its file-permission override."""
+    if os.geteuid() != 0:
+        return True
+    probe = subprocess.run(
+        ["cat", "/proc/self/status"],
+        capture_output=True,
+        text=True,
+        preexec_fn=_drop_file_override,
+        check=False,
+    )
+    return probe.returncode == 0 and "CapEff:\t0000000000000000" not in probe.stdout
+
+
 def run_cli(
     *args: str,
     env: dict[str, str] | None = None,
     timeout: float = 60,
-    user: int | None = None,
+    ordinary: bool = False,
     cwd: str | os.PathLike[str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``idemstore ARGS`` in a fresh process (as ``user``'s uid/gid if given)."""
+    """Run ``idemstore ARGS`` in a fresh process; ``ordinary``: bound by file permissions
+    even when this process runs as root (see :func:`as_ordinary_user`)."""
     full_env = {**os.environ, **(env or {})}
     full_env.pop("IDEMSTORE_DATABASE_URL", None)
-
-    def demote() -> None:  # pragma: no cover - runs in the child
-        if user is not None:
-            os.setgroups([])
-            os.setgid(user)
-            os.setuid(user)
-
+    drop = ordinary and os.geteuid() == 0
     return subprocess.run(
         [*command(), *args],
         capture_output=True,
@@ -105,7 +131,7 @@ def run_cli(
         env=full_env,
         timeout=timeout,
         cwd=cwd or ROOT,
-        preexec_fn=demote if user is not None else None,
+        preexec_fn=_drop_file_override if drop else None,
         check=False,
     )
 
