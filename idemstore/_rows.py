@@ -119,7 +119,8 @@ _C_ENCODER: Final = (
 
 
 #: Digits enough for an integer beyond f64's range (the value is then checked exactly).
-_HUGE_INTEGER: Final = re.compile(r"[0-9]{300}")
+_HUGE_DIGITS: Final = 300
+_HUGE_INTEGER: Final = re.compile(f"[0-9]{{{_HUGE_DIGITS}}}")
 
 
 def _not_serialisable(error: Exception) -> InvalidInputError:
@@ -130,6 +131,20 @@ def _too_deep() -> InvalidInputError:
     return InvalidInputError(
         f"outcome details are {jsonfile.DETAILS_TOO_DEEP} (or they contain themselves)"
     )
+
+
+def _encode_checked(details: JSONValue) -> str:
+    """Details already checked as the Rust parser reads them (:func:`jsonfile.details_value`:
+    acyclic, not too deep, numbers in range) as stored text."""
+    try:
+        if details is None:
+            return "null"
+        if type(details) is str:
+            return check_unicode(json.encoder.encode_basestring(details), "outcome details")
+        text = "".join(_C_ENCODER(details, 0)) if _C_ENCODER is not None else dump_details(details)
+    except RecursionError:  # not enough stack left here for the C encoder
+        text = jsonvalue.dumps_compact(details)
+    return check_unicode(text, "outcome details")
 
 
 def dump_details(details: JSONValue) -> str:
@@ -165,12 +180,14 @@ def dump_details(details: JSONValue) -> str:
     except (TypeError, ValueError) as error:
         raise _not_serialisable(error) from None
     else:
+        # Short texts (the common case) can be neither: a container takes two characters.
         if (
-            text.count("[") + text.count("{") > jsonvalue.MAX_DETAILS_DEPTH
+            len(text) > 2 * jsonvalue.MAX_DETAILS_DEPTH
+            and text.count("[") + text.count("{") > jsonvalue.MAX_DETAILS_DEPTH
             and jsonvalue.first_too_deep(text, limit=jsonvalue.MAX_DETAILS_DEPTH) is not None
         ):
             raise _too_deep()
-    if _HUGE_INTEGER.search(text) is not None:
+    if len(text) >= _HUGE_DIGITS and _HUGE_INTEGER.search(text) is not None:
         where = jsonvalue.check_details(details)
         if where is not None:
             raise InvalidInputError(
@@ -485,13 +502,13 @@ class Converter:
             if type(details) is tuple and _FLAT.issuperset(map(type, map(_VALUE, details))):
                 text = self._details.get(details)
                 if text is None:
-                    text = dump_details(jsonfile.details_value(details))
+                    text = _encode_checked(jsonfile.details_value(details))
                     if len(self._details) >= _CACHE_LIMIT:
                         self._details.clear()
                     self._details[details] = text
             else:
                 # Checked as the Rust parser reads them: nesting, numbers beyond u64 / i64.
-                text = dump_details(jsonfile.details_value(details))
+                text = _encode_checked(jsonfile.details_value(details))
             outcome = (kind, completed - U64_SHIFT, pk, pid, sk, sid, text)
         if fps is _ABSENT_LIST or not fps:
             fingerprints: tuple[str, ...] = ()

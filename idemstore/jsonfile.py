@@ -918,14 +918,15 @@ class _Source:
     def line_at(self, abs_pos: int) -> int:
         """The 1-based line of the file at absolute char offset ``abs_pos`` (near the cursor)."""
         if self._lines_before is None:  # a range that starts mid-file: count what is before
+            # Read from the file already open (not by path: it may have been replaced since).
             count = 0
-            at = 0
-            fd = self._file.fileno()
-            while at < self._start and (
-                block := os.pread(fd, min(_CHUNK_BYTES, self._start - at), at)
-            ):
+            left = self._start
+            back = self._file.tell()
+            self._file.seek(0)
+            while left > 0 and (block := self._file.read(min(_CHUNK_BYTES, left))):
                 count += block.count(b"\n")
-                at += len(block)
+                left -= len(block)
+            self._file.seek(back)
             self._lines_before = count
         return self._advance(abs_pos) + self._lines_before
 
