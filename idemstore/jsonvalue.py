@@ -14,8 +14,11 @@ parser's documented behaviour and source:
   ``-(digits as f64)``; ``-0`` becomes the float ``-0.0``.
 * **Range.** A number whose f64 is infinite is an error, ``number out of range``.
 
-idemstore stores what that parser would hold, or refuses what it would refuse, so that every
-record it holds exports to a file the Rust store reads back the same. Python decodes and
+The importer stores what that parser would hold, or refuses what it would refuse; nothing
+idemstore accepts (also through ``complete``) makes an export the Rust store cannot read.
+Ordinary decimals keep Python's correctly rounded value: serde_json's default parser may land
+one unit in the last place away for long mantissas (its ``float_roundtrip`` feature does not);
+that difference is not emulated. Python decodes and
 encodes JSON recursively (the C scanner and encoder count against the interpreter's recursion
 limit), so deep but legal values are read and written here without recursion when the
 recursive path runs out of stack (:func:`loads`, :func:`dumps_compact`).
@@ -32,15 +35,18 @@ from typing import Any, Final
 from .model import U64_MAX
 
 __all__ = [
+    "DETAILS_CONTAINERS",
     "MAX_DEPTH",
     "MAX_DETAILS_DEPTH",
     "RUST_RECURSION_LIMIT",
+    "DuplicateKey",
     "JSONValueProblem",
     "OutOfRange",
     "TooDeep",
     "check_details",
     "check_number",
     "check_value",
+    "decode_iterative",
     "dumps_compact",
     "first_too_deep",
     "loads",
@@ -325,8 +331,9 @@ _STRUCTURE: Final = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
 
 def first_too_deep(text: str, start: int = 0, end: int | None = None, limit: int = 0) -> int | None:
-    """The offset in ``text[start:end]`` (one JSON value, or members of one) of the bracket
-    that opens container number ``limit + 1`` of a nesting; None if none is that deep."""
+    """The offset of the bracket that opens container number ``limit + 1`` of a nesting in
+    the JSON value at ``text[start:]`` (looking no further than ``end``, nor past the end of
+    the value); None if none is that deep."""
     depth = 0
     for m in _STRUCTURE.finditer(text, start, len(text) if end is None else end):
         c = m.group()
@@ -336,12 +343,9 @@ def first_too_deep(text: str, start: int = 0, end: int | None = None, limit: int
                 return m.start()
         elif c == "]" or c == "}":
             depth -= 1
+            if depth <= 0:
+                return None  # the value has ended
     return None
-
-
-def _may_be_deeper(text: str, limit: int) -> bool:
-    """Cheap bound: a text with at most ``limit`` opening brackets nests no deeper."""
-    return text.count("[") + text.count("{") > limit
 
 
 _WS: Final = re.compile(r"[ \t\n\r]*")

@@ -471,3 +471,50 @@ def test_cli_import_of_deep_and_long_numbers_is_one_line(tmp_path: Path) -> None
         path.write_text(_with_details(details))
         line = one_line_error(run_cli("--database-url", url, "import", str(path)))
         assert str(path) in line and "idem_a" in line and "outcome.details" in line
+
+
+# --------------------------------------------------------------------------------------------
+# The decoders and encoders without recursion agree with Python's (used when those run out of
+# stack)
+
+
+def _random_value(rng: Any, depth: int = 0) -> Any:
+    pick = rng.randrange(9 if depth < 6 else 6)
+    if pick == 0:
+        return None
+    if pick == 1:
+        return rng.random() < 0.5
+    if pick == 2:
+        return rng.randint(-(10**25), 10**25)
+    if pick == 3:
+        return rng.choice([-0.0, 1e-07, 1.5e300, rng.random() * 10 ** rng.randint(-30, 30)])
+    if pick in (4, 5):
+        return "".join(chr(rng.randrange(0, 0x3000)) for _ in range(rng.randrange(6)))
+    if pick in (6, 7):
+        return {
+            f"k{rng.randrange(30)}": _random_value(rng, depth + 1) for _ in range(rng.randrange(4))
+        }
+    return [_random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+
+
+def test_codecs_without_recursion_agree_with_the_recursive_ones() -> None:
+    import random
+
+    from idemstore import jsonfile, jsonvalue
+    from idemstore._rows import dump_details
+
+    rng = random.Random(7)
+    values = [_random_value(rng) for _ in range(2000)] + [nested(DETAILS_LIMIT), nested(300)]
+    for value in values:
+        compact = dump_details(value) if max_depth(json.dumps(value)) <= DETAILS_LIMIT else None
+        if compact is not None:
+            assert jsonvalue.dumps_compact(value) == compact
+        for text in (json.dumps(value), json.dumps(value, indent=1, ensure_ascii=False)):
+            decoded, end = jsonvalue.decode_iterative(text)
+            assert end == len(text) and json.dumps(decoded) == json.dumps(json.loads(text))
+        for sort in (False, True):
+            pretty: list[str] = []
+            iterative: list[str] = []
+            jsonfile._dump(value, "    ", pretty, sort)
+            jsonfile._dump_iterative(value, "    ", iterative, sort)
+            assert "".join(iterative) == "".join(pretty)
