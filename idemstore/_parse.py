@@ -97,14 +97,21 @@ class ParseSummary:
         )
 
 
-def unreadable(path: str, error: OSError) -> FileFormatError:
-    """The error for a file that cannot be opened or measured."""
-    return FileFormatError(f"cannot read the file: {error.strerror}", path=path)
+unreadable = jsonfile.unreadable
+FileIdentity = jsonfile.FileIdentity
 
 
-def _open_reader(path: str, start: int, stop: int | None) -> jsonfile.RecordReader:
+def _open_reader(
+    path: str,
+    start: int,
+    stop: int | None,
+    expect: FileIdentity | None,
+    forbid_nul: bool,
+) -> jsonfile.RecordReader:
     try:
-        return jsonfile.RecordReader(path, start=start, stop=stop)
+        return jsonfile.RecordReader(
+            path, start=start, stop=stop, expect=expect, forbid_nul=forbid_nul
+        )
     except OSError as error:
         raise unreadable(path, error) from None
 
@@ -118,7 +125,11 @@ Batch = tuple[list[Row], list[tuple[str, str]], int, int]
 class FileParse:
     """The file (or the part ``start``..``stop`` of its records, see
     :class:`~idemstore.jsonfile.RecordReader`) parsed in this process: iterate for
-    :data:`Batch` es, then read :meth:`summary`. Close it (or use ``with``)."""
+    :data:`Batch` es, then read :meth:`summary`. Close it (or use ``with``).
+
+    ``expect``: the identity the file must have (:func:`idemstore.jsonfile.file_identity`),
+    checked when it is opened and after its last record; ``forbid_nul``: refuse NUL in text
+    fields (a PostgreSQL target)."""
 
     def __init__(
         self,
@@ -128,11 +139,13 @@ class FileParse:
         batch_records: int,
         start: int = 0,
         stop: int | None = None,
+        expect: FileIdentity | None = None,
+        forbid_nul: bool = False,
     ) -> None:
         self.path = path
         self._batch = batch_records
-        self._convert = Converter(strict=strict)
-        self._reader = _open_reader(path, start, stop)
+        self._reader = _open_reader(path, start, stop, expect, forbid_nul)
+        self._convert = Converter(strict=strict, containers=self._reader.containers)
         self.form: str = self._reader.header.form
 
     def __enter__(self) -> FileParse:
@@ -185,15 +198,18 @@ _RUST_BETWEEN: Final = b'\n    },\n    "'
 _SPLIT_WINDOW: Final = 1 << 20
 
 
-def split_points(path: str, parts: int) -> list[int] | None:
+def split_points(path: str, parts: int, expect: FileIdentity | None = None) -> list[int] | None:
     """Byte offsets that cut the records of a file Rust wrote into ``parts`` parts of about the
     same size: the first just inside ``records``, then the comma after a record for each later
     part. None if the file does not start as Rust writes it or no cut is found.
 
     A newline cannot occur inside a JSON string, so each cut is where an object ends at the
     indent of a record; the reader of the part before it proves that it is a record's end.
+    Raises FileFormatError for a file that cannot be read, is not a regular file, or is not
+    ``expect``.
     """
-    with open(path, "rb") as f:
+    f, _ = jsonfile.open_regular(path, expect)
+    with f:
         m = _RUST_PREFIX.match(f.read(256))
         if m is None:
             return None
@@ -251,7 +267,10 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=BATCH_RECORDS)
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--stop", type=int, default=None)
+    parser.add_argument("--expect", default=None, help="st_dev:st_ino:st_size:st_mtime_ns")
+    parser.add_argument("--forbid-nul", action="store_true")
     args = parser.parse_args(argv)
+    expect = None if args.expect is None else _identity_of(args.expect)
     out = sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write into the pipe
     # A thread writes to the pipe, so that parsing goes on while the importer is busy (the
@@ -289,6 +308,8 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
                 batch_records=args.batch,
                 start=args.start,
                 stop=args.stop,
+                expect=expect,
+                forbid_nul=args.forbid_nul,
             ) as parse,
         ):
             send((_HELLO, parse.form))
@@ -304,6 +325,15 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     pending.put(None)
     writer.join()
     return 1 if broken.is_set() else code
+
+
+def _identity_arg(identity: FileIdentity) -> str:
+    return ":".join(map(str, identity))
+
+
+def _identity_of(text: str) -> FileIdentity:
+    dev, ino, size, mtime = (int(x) for x in text.split(":"))
+    return (dev, ino, size, mtime)
 
 
 class PartsFailed(IdemstoreError):
@@ -406,10 +436,14 @@ class WorkerParse:
         *,
         strict: bool,
         batch_records: int,
+        expect: FileIdentity | None = None,
+        forbid_nul: bool = False,
     ) -> None:
         self.path = path
         self.strict = strict
         self.batch_records = batch_records
+        self.expect = expect
+        self.forbid_nul = forbid_nul
         self._workers = workers
         self._starts = starts
         self._summaries: list[ParseSummary | None] = [None] * len(workers)
@@ -417,13 +451,25 @@ class WorkerParse:
 
     @classmethod
     def spawn(
-        cls, path: str, *, strict: bool, batch_records: int, workers: int
+        cls,
+        path: str,
+        *,
+        strict: bool,
+        batch_records: int,
+        workers: int,
+        expect: FileIdentity | None = None,
+        forbid_nul: bool = False,
     ) -> WorkerParse | None:
         """Start the workers (one per part, fewer if the file cannot be cut), without waiting
-        for them; None if no worker can start here."""
+        for them; None if no worker can start here. Each opens the file by its path and checks
+        that it is ``expect`` (and unchanged after its last record)."""
         # Several parts need selectors over pipes (not on Windows).
-        points = split_points(path, workers) if workers > 1 and os.name != "nt" else None
+        points = split_points(path, workers, expect) if workers > 1 and os.name != "nt" else None
         common = ["--batch", str(batch_records), *(["--strict"] if strict else [])]
+        if expect is not None:
+            common += ["--expect", _identity_arg(expect)]
+        if forbid_nul:
+            common.append("--forbid-nul")
         if points is None:
             ranges: list[tuple[int, int | None]] = [(0, None)]
         else:
@@ -446,6 +492,8 @@ class WorkerParse:
             [start for start, _ in ranges],
             strict=strict,
             batch_records=batch_records,
+            expect=expect,
+            forbid_nul=forbid_nul,
         )
 
     def greet(self) -> bool:
@@ -551,26 +599,43 @@ def open_parse(
     batch_records: int,
     workers: int,
     started: WorkerParse | None = None,
+    expect: FileIdentity | None = None,
+    forbid_nul: bool = False,
 ) -> FileParse | WorkerParse:
     """The file's parse: in this process (``workers=0``) or by worker processes, one per part
     of the file (if it can be cut; else one), or by the workers ``started`` for it already
-    (:func:`prestart`); in this process if no worker can start or one fails to."""
-    if started is not None and (started.path, started.strict, started.batch_records) != (
-        path,
-        strict,
-        batch_records,
+    (:func:`prestart`); in this process if no worker can start or one fails to. ``expect``
+    and ``forbid_nul``: see :class:`FileParse`."""
+    wanted = (path, strict, batch_records, expect, forbid_nul)
+    if (
+        started is not None
+        and (
+            started.path,
+            started.strict,
+            started.batch_records,
+            started.expect,
+            started.forbid_nul,
+        )
+        != wanted
     ):
-        started.close()  # started for another file: not ours
+        started.close()  # started for another file (or another version of it): not ours
         started = None
     if started is None and workers > 0:
         started = WorkerParse.spawn(
-            path, strict=strict, batch_records=batch_records, workers=workers
+            path,
+            strict=strict,
+            batch_records=batch_records,
+            workers=workers,
+            expect=expect,
+            forbid_nul=forbid_nul,
         )
     if started is not None:
         if started.greet():
             return started
         started.close()
-    return FileParse(path, strict=strict, batch_records=batch_records)
+    return FileParse(
+        path, strict=strict, batch_records=batch_records, expect=expect, forbid_nul=forbid_nul
+    )
 
 
 def default_workers(size: int) -> int:
@@ -588,8 +653,13 @@ def prestart(argv: Sequence[str]) -> WorkerParse | None:
     Reads only the arguments it knows; anything else, or a small file, starts nothing. The
     import uses these workers if they match what it needs (:func:`open_parse`)."""
     i = 0
+    url: str | None = None
     while i < len(argv) and argv[i] in ("-v", "--verbose", "--database-url"):
-        i += 2 if argv[i] == "--database-url" else 1
+        if argv[i] == "--database-url":
+            url = argv[i + 1] if i + 1 < len(argv) else None
+            i += 2
+        else:
+            i += 1
     if i >= len(argv) or argv[i] != "import":
         return None
     files: list[str] = []
@@ -613,10 +683,28 @@ def prestart(argv: Sequence[str]) -> WorkerParse | None:
     if not files:
         return None
     try:
-        size = os.path.getsize(files[0])
-    except OSError:
-        return None
-    n = default_workers(size) if workers is None else workers
+        identity = jsonfile.file_identity(files[0])
+    except FileFormatError:
+        return None  # the import reports it
+    n = default_workers(identity[2]) if workers is None else workers
     if n <= 0:
         return None
-    return WorkerParse.spawn(files[0], strict=strict, batch_records=BATCH_RECORDS, workers=n)
+    try:
+        return WorkerParse.spawn(
+            files[0],
+            strict=strict,
+            batch_records=BATCH_RECORDS,
+            workers=n,
+            expect=identity,
+            forbid_nul=_postgresql(url),
+        )
+    except FileFormatError:
+        return None  # the file changed (or went) since: the import reports it
+
+
+def _postgresql(url: str | None) -> bool:
+    """Whether the command's database URL (``--database-url``, else the environment) is a
+    PostgreSQL one, read as text (this runs before SQLAlchemy is imported)."""
+    if url is None:
+        url = os.environ.get("IDEMSTORE_DATABASE_URL") or ""
+    return url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres")

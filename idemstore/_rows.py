@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import re
 import secrets
 import struct
 from collections import Counter
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, Final
 
-from . import jsonfile
+from . import jsonfile, jsonvalue
 from .errors import InvalidInputError
 from .ids import record_id_hasher
 from .model import (
@@ -103,7 +104,7 @@ _DETAILS_ENCODER: Final = json.JSONEncoder(
 
 #: The same, as the C encoder made once (``json.dumps`` makes one per call, which costs as
 #: much as encoding a small object). No circular-reference bookkeeping: a cycle ends in a
-#: RecursionError, reported like any other value that is not JSON.
+#: RecursionError, and is then found too deep.
 def _not_json(value: object) -> None:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
@@ -117,8 +118,43 @@ _C_ENCODER: Final = (
 )
 
 
+#: Digits enough for an integer beyond f64's range (the value is then checked exactly).
+_HUGE_DIGITS: Final = 300
+_HUGE_INTEGER: Final = re.compile(f"[0-9]{{{_HUGE_DIGITS}}}")
+
+
+def _not_serialisable(error: Exception) -> InvalidInputError:
+    return InvalidInputError(f"outcome details must be JSON-serialisable: {error}")
+
+
+def _too_deep() -> InvalidInputError:
+    return InvalidInputError(
+        f"outcome details are {jsonfile.DETAILS_TOO_DEEP} (or they contain themselves)"
+    )
+
+
+def _encode_checked(details: JSONValue) -> str:
+    """Details already checked as the Rust parser reads them (:func:`jsonfile.details_value`:
+    acyclic, not too deep, numbers in range) as stored text."""
+    try:
+        if details is None:
+            return "null"
+        if type(details) is str:
+            return check_unicode(json.encoder.encode_basestring(details), "outcome details")
+        text = "".join(_C_ENCODER(details, 0)) if _C_ENCODER is not None else dump_details(details)
+    except RecursionError:  # not enough stack left here for the C encoder
+        text = jsonvalue.dumps_compact(details)
+    return check_unicode(text, "outcome details")
+
+
 def dump_details(details: JSONValue) -> str:
-    """Outcome details as stored: compact JSON, keys sorted (as serde_json writes them)."""
+    """Outcome details as stored: compact JSON, keys sorted (as serde_json writes them).
+
+    Raises :class:`InvalidInputError` for details that are not JSON, circular, or that would
+    make a file the Rust store cannot read: nested more than
+    :data:`~idemstore.jsonvalue.MAX_DETAILS_DEPTH` deep, or holding an integer beyond f64's
+    range. Deep details are written without recursion when the stack runs short.
+    """
     try:
         if details is None:
             text = "null"
@@ -128,8 +164,36 @@ def dump_details(details: JSONValue) -> str:
             text = "".join(_C_ENCODER(details, 0))
         else:  # pragma: no cover - CPython always has the C encoder
             text = _DETAILS_ENCODER.encode(details)
-    except (TypeError, ValueError, RecursionError) as error:
-        raise InvalidInputError(f"outcome details must be JSON-serialisable: {error}") from None
+    except RecursionError:
+        # Deeper than the stack left here allows: circular, too deep, or a caller deep in
+        # its own stack. Measured and written again without recursion.
+        try:
+            jsonvalue.check_value(details, jsonvalue.MAX_DETAILS_DEPTH, tuples_are_objects=False)
+        except jsonvalue.TooDeep:
+            raise _too_deep() from None
+        except jsonvalue.OutOfRange:
+            pass  # reported below, with its path
+        try:
+            text = jsonvalue.dumps_compact(details)
+        except (TypeError, ValueError) as error:
+            raise _not_serialisable(error) from None
+    except (TypeError, ValueError) as error:
+        raise _not_serialisable(error) from None
+    else:
+        # Short texts (the common case) can be neither: a container takes two characters.
+        if (
+            len(text) > 2 * jsonvalue.MAX_DETAILS_DEPTH
+            and text.count("[") + text.count("{") > jsonvalue.MAX_DETAILS_DEPTH
+            and jsonvalue.first_too_deep(text, limit=jsonvalue.MAX_DETAILS_DEPTH) is not None
+        ):
+            raise _too_deep()
+    if len(text) >= _HUGE_DIGITS and _HUGE_INTEGER.search(text) is not None:
+        where = jsonvalue.check_details(details)
+        if where is not None:
+            raise InvalidInputError(
+                f"outcome details: the integer at {where} is beyond the range of a float, "
+                "which the Rust store's parser refuses (number out of range)"
+            )
     return check_unicode(text, "outcome details")
 
 
@@ -316,10 +380,14 @@ class Converter:
 
     Call it with ``(map_key, value)`` for one record (``value`` as scanned with pairs as tuples,
     or a plain dict), or :meth:`chunk` with the pairs of many records at once.
+
+    ``containers``: how deep the records sit in their file (2 in the versioned form, 1 in the
+    legacy one), for the nesting limit the Rust parser counts over the whole file.
     """
 
-    def __init__(self, *, strict: bool = False) -> None:
+    def __init__(self, *, strict: bool = False, containers: int = 2) -> None:
         self.strict = strict
+        self.containers = containers
         #: Unknown field path -> how many records had it.
         self.unknown: Counter[str] = Counter()
         self.records_with_unknown_fields = 0
@@ -358,7 +426,7 @@ class Converter:
         fast = self._fast
         try:
             items = [fast(k, v) for k, v in pairs]
-        except (_Slow, jsonfile.RecordProblem, jsonfile._DuplicateKey, InvalidInputError):
+        except (_Slow, jsonfile.RecordProblem, jsonvalue.JSONValueProblem, InvalidInputError):
             self._discard()
             return None
         self._commit()
@@ -434,12 +502,13 @@ class Converter:
             if type(details) is tuple and _FLAT.issuperset(map(type, map(_VALUE, details))):
                 text = self._details.get(details)
                 if text is None:
-                    text = dump_details(jsonfile.plain_value(details))
+                    text = _encode_checked(jsonfile.details_value(details))
                     if len(self._details) >= _CACHE_LIMIT:
                         self._details.clear()
                     self._details[details] = text
             else:
-                text = dump_details(jsonfile.plain_value(details))
+                # Checked as the Rust parser reads them: nesting, numbers beyond u64 / i64.
+                text = _encode_checked(jsonfile.details_value(details))
             outcome = (kind, completed - U64_SHIFT, pk, pid, sk, sid, text)
         if fps is _ABSENT_LIST or not fps:
             fingerprints: tuple[str, ...] = ()
@@ -447,6 +516,8 @@ class Converter:
             if not all(type(f) is str for f in fps):
                 raise _Slow
             fingerprints = tuple(fps)
+        if unknown:  # ignored, but they still have to parse: nesting, numbers
+            jsonfile.check_record_text(value, self.containers)
         # The common case (one id computed, equal to the map key) needs no more of _check.
         if (
             len(fingerprints) > 1
@@ -478,8 +549,8 @@ class Converter:
         return row, fingerprints
 
     def _precise(self, map_key: str, value: Any) -> Converted:
-        d = jsonfile.plain_value(value)
-        record, _ = jsonfile.validate_value(d)
+        d = jsonfile.plain_value(value, jsonvalue.MAX_DEPTH - self.containers)
+        record, _ = jsonfile.validate_value(d, containers=self.containers)
         unknown = jsonfile.unknown_fields(d) if type(d) is dict else ()
         row = record_row(record, map_key)
         fps = record.conflict_fingerprints

@@ -56,6 +56,7 @@ from . import dialects, ops
 from .aio import AsyncIdempotencyStore
 from .config import DEFAULT_SYNCHRONOUS, resolve_url, safe_url, sync_url
 from .dialects import DEFAULT_BUSY_TIMEOUT_MS, SQLITE_SYNCHRONOUS, CompiledStatement
+from .errors import ConfigurationError, IdemstoreError, InvalidInputError
 from .ids import idempotency_record_id
 from .importer import import_file
 from .jsonfile import record_to_json
@@ -465,7 +466,13 @@ def _asyncpg() -> Any:
 
 
 def _psycopg() -> Any:
-    return importlib.import_module("psycopg")
+    try:
+        return importlib.import_module("psycopg")
+    except ImportError as error:
+        raise ConfigurationError(
+            f"the PostgreSQL driver psycopg cannot be imported ({error}): "
+            "pip install 'idemstore[postgresql]'"
+        ) from None
 
 
 # -- databases ---------------------------------------------------------------------------
@@ -480,7 +487,9 @@ class Target:
         self.url = resolve_url(settings.database_url)
         self.backend = self.url.get_backend_name()
         if self.backend not in ("sqlite", "postgresql"):
-            raise SystemExit(f"idemstore bench: unsupported database {self.backend!r}")
+            raise ConfigurationError(
+                f"idemstore bench measures SQLite or PostgreSQL, not {self.backend!r}"
+            )
         self.sqlite = self.backend == "sqlite"
         self._schemas: list[str] = []
         self.directory: Path | None = None
@@ -489,9 +498,26 @@ class Target:
             parent = (
                 Path(database).resolve().parent if database not in (None, "", ":memory:") else None
             )
-            if parent is not None:
-                parent.mkdir(parents=True, exist_ok=True)
-            self.directory = Path(tempfile.mkdtemp(prefix="idemstore-bench-", dir=parent))
+            try:
+                if parent is not None:
+                    parent.mkdir(parents=True, exist_ok=True)
+                self.directory = Path(tempfile.mkdtemp(prefix="idemstore-bench-", dir=parent))
+            except OSError as error:
+                raise ConfigurationError(
+                    f"cannot create the bench's files beside {safe_url(self.url)}: "
+                    f"{error.strerror or error}"
+                ) from None
+        else:
+            self._check_server()
+
+    def _check_server(self) -> None:
+        """Connect once, so that a server that cannot be reached is one line, not a trace."""
+        psycopg = _psycopg()
+        try:
+            psycopg.connect(self.conninfo(), connect_timeout=10).close()
+        except psycopg.Error as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            raise ConfigurationError(f"cannot connect to {safe_url(self.url)}: {reason}") from None
 
     # SQLite ------------------------------------------------------------------------------
 
@@ -1483,7 +1509,7 @@ def run_bench(settings: BenchSettings, *, log: Callable[[str], None] | None = No
     """Run the sections in ``settings`` and return every figure."""
     say = log or (lambda _message: None)
     if settings.synchronous.upper() not in SQLITE_SYNCHRONOUS:
-        raise SystemExit(f"idemstore bench: synchronous must be one of {SQLITE_SYNCHRONOUS}")
+        raise InvalidInputError(f"synchronous must be one of {', '.join(SQLITE_SYNCHRONOUS)}")
     target = Target(settings)
     result = BenchResult(_settings_dict(target, settings))
     try:
@@ -1734,7 +1760,9 @@ def settings_from(args: argparse.Namespace) -> BenchSettings:
     sections = tuple(s.strip() for s in str(args.sections).split(",") if s.strip())
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
-        raise SystemExit(f"idemstore bench: unknown section(s) {unknown}; choose from {SECTIONS}")
+        raise InvalidInputError(
+            f"unknown bench section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}"
+        )
 
     def pick(value: Any, normal: Any, short: Any) -> Any:
         return value if value is not None else (short if quick else normal)
@@ -1782,7 +1810,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    try:
+        return run(build_parser().parse_args(argv))
+    except IdemstoreError as error:
+        print(f"idemstore bench: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

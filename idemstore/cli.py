@@ -128,7 +128,9 @@ def cmd_get(args: argparse.Namespace) -> int:
     if record is None:
         print("no such record", file=sys.stderr)
         return 1
-    print(json.dumps(record_as_json(record), indent=2, ensure_ascii=False))
+    from .jsonfile import record_text  # as the file has it, whatever the details' depth
+
+    print(record_text(record))
     return 0
 
 

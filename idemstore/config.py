@@ -59,7 +59,7 @@ def resolve_url(url: str | URL | None = None) -> URL:
     raw = url if url is not None else os.environ.get(ENV_VAR) or DEFAULT_URL
     try:
         return make_url(raw)
-    except (ArgumentError, ValueError):
+    except (ArgumentError, ValueError, TypeError):
         raise ConfigurationError(
             "not a database URL: expected dialect+driver://user:password@host:port/database "
             "(percent-encode @, : and / inside a password), or sqlite:///path/to/file.db"
@@ -144,6 +144,20 @@ def redact(text: str, url: str | URL) -> str:
         if len(secret) >= 3:
             text = text.replace(secret, MASK)
     return text
+
+
+#: The package that brings each database's drivers.
+_EXTRAS: Final = {"postgresql": "pip install 'idemstore[postgresql]'"}
+
+
+def _driver_missing(url: URL, error: ImportError) -> ConfigurationError:
+    """The error for a driver module that cannot be imported (an extra not installed)."""
+    backend = url.get_backend_name()
+    fix = _EXTRAS.get(backend, f"install the {url.get_driver_name()} package")
+    module = error.name or str(error)
+    return ConfigurationError(
+        f"the {url.drivername} driver cannot be imported ({module}: {error}): {fix}"
+    )
 
 
 def is_memory_sqlite(url: URL) -> bool:
@@ -266,11 +280,14 @@ def create_engine(
     resolved = sync_url(url)
     if read_only:
         resolved = read_only_url(resolved)
-    if resolved.get_backend_name() == "sqlite":
-        engine = sa.create_engine(resolved, **_sqlite_options(resolved, engine_options))
-        _sqlite_events(engine, resolved, synchronous, busy_timeout_ms)
-        return engine
-    engine = sa.create_engine(resolved, **engine_options)
+    try:
+        if resolved.get_backend_name() == "sqlite":
+            engine = sa.create_engine(resolved, **_sqlite_options(resolved, engine_options))
+            _sqlite_events(engine, resolved, synchronous, busy_timeout_ms)
+            return engine
+        engine = sa.create_engine(resolved, **engine_options)
+    except ImportError as error:
+        raise _driver_missing(resolved, error) from None
     if read_only:
         _read_only_transactions(engine)
     return engine
@@ -292,11 +309,14 @@ def create_async_engine(
     resolved = async_url(url)
     if read_only:
         resolved = read_only_url(resolved)
-    if resolved.get_backend_name() == "sqlite":
-        engine = sa_create_async_engine(resolved, **_sqlite_options(resolved, engine_options))
-        _sqlite_events(engine.sync_engine, resolved, synchronous, busy_timeout_ms)
-        return engine
-    engine = sa_create_async_engine(resolved, **engine_options)
+    try:
+        if resolved.get_backend_name() == "sqlite":
+            engine = sa_create_async_engine(resolved, **_sqlite_options(resolved, engine_options))
+            _sqlite_events(engine.sync_engine, resolved, synchronous, busy_timeout_ms)
+            return engine
+        engine = sa_create_async_engine(resolved, **engine_options)
+    except ImportError as error:
+        raise _driver_missing(resolved, error) from None
     if read_only:
         _read_only_transactions(engine.sync_engine)
     return engine

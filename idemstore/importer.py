@@ -42,11 +42,10 @@ from ._parse import (
     default_workers,
     logger,
     open_parse,
-    unreadable,
 )
 from ._rows import REPORT_LIST_LIMIT, IdMismatch, Row, gc_paused
 from .dialects import Driver
-from .errors import IdemstoreError
+from .errors import IdemstoreError, InvalidInputError
 from .store import IdempotencyStore
 
 if TYPE_CHECKING:
@@ -172,15 +171,21 @@ def import_call(
     :mod:`idemstore._parse`); 0 parses in this process; ``None`` picks
     :func:`~idemstore._parse.default_workers`. ``started``: workers already started for this
     file (:func:`idemstore._parse.prestart`; the command line does that).
+
+    The file must be a regular file that can be read: checked here, before the call takes any
+    lock (a FIFO, a directory or a device is refused, never waited on). Every process that
+    reads it checks it is still that file; one whose size, mtime or identity changes while it
+    is read is refused and nothing is written. Raises :class:`FileFormatError` for these and
+    for a file the Rust store could not read; :class:`InvalidInputError` for bad arguments.
     """
     target = os.fspath(path)
-    try:
-        total = os.path.getsize(target)
-    except OSError as error:
-        raise unreadable(target, error) from None
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, int) or workers < 0
+    ):
+        raise InvalidInputError(f"workers must be 0 or more, not {workers!r}")
+    identity = jsonfile.file_identity(target)
+    total = identity[2]
     n_workers = default_workers(total) if workers is None else workers
-    if n_workers < 0:
-        raise ValueError("workers must be 0 or more")
 
     def consume(d: Driver, parse: FileParse | WorkerParse, check: bool) -> ImportReport:
         began = time.perf_counter()
@@ -209,12 +214,16 @@ def import_call(
         report.unknown_fields = summary.unknown_fields
         report.id_mismatches = summary.id_mismatches
         report.mismatches = summary.mismatches
+        # Every reader checked its own file; this also covers a change after the last of them.
+        jsonfile.check_unchanged(target, identity)
         report.seconds = time.perf_counter() - began
         return report
 
     def run(d: Driver) -> ImportReport:
         # Nothing to compare against when the table is empty: the file's ids are distinct.
         check = ops.has_records(d)
+        # PostgreSQL's text columns cannot hold NUL: refused with the file, line and field.
+        forbid_nul = d.dialect.name == "postgresql"
         # The savepoint: an error leaves even a caller's transaction as it was; a part a
         # worker could not read is rolled back and the whole file read here instead.
         with gc_paused(), d.bulk_load(), d.savepoint(_SAVEPOINT) as roll_back:
@@ -224,6 +233,8 @@ def import_call(
                 batch_records=BATCH_RECORDS,
                 workers=n_workers,
                 started=started,
+                expect=identity,
+                forbid_nul=forbid_nul,
             )
             try:
                 with parse:
@@ -232,7 +243,13 @@ def import_call(
                 # Read the whole file here instead: it names the first error, if any.
                 logger.info("%s: %s; reading it in one process", target, failure)
                 roll_back()
-            with FileParse(target, strict=strict, batch_records=BATCH_RECORDS) as parse:
+            with FileParse(
+                target,
+                strict=strict,
+                batch_records=BATCH_RECORDS,
+                expect=identity,
+                forbid_nul=forbid_nul,
+            ) as parse:
                 return consume(d, parse, check)
 
     return ops.Call("read" if dry_run else "write", run)
@@ -282,11 +299,18 @@ async def import_file_async(
 
 
 def export_call(path: str | os.PathLike[str]) -> ops.Call[int]:
-    """Writing every record to a versioned file, as one read transaction."""
+    """Writing every record to a versioned file, as one read transaction. A path that cannot
+    be written (a directory, a missing folder) is refused here, before any transaction
+    (:class:`InvalidInputError`), as is one that fails while writing."""
     target = os.fspath(path)
+    jsonfile.check_writable(target)
 
     def run(d: Driver) -> int:
-        return jsonfile.write_records(target, ops.iter_records_in_id_order(d))
+        records = ops.iter_records_in_id_order(d)
+        try:
+            return jsonfile.write_records(target, records)
+        finally:
+            records.close()  # its cursor, while the connection is open (also on an error)
 
     return ops.Call("read", run)
 

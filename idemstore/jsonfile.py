@@ -30,12 +30,15 @@ import json
 import math
 import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Literal, TextIO, TypeVar, cast
+from typing import Any, Final, Literal, NoReturn, TextIO, TypeVar, cast
 
+from . import jsonvalue
 from .errors import FileFormatError, InvalidInputError
+from .jsonvalue import MAX_DEPTH, MAX_DETAILS_DEPTH, DuplicateKey, OutOfRange, TooDeep
 from .model import (
     RECORD_SCHEMA_VERSION,
     U64_MAX,
@@ -48,18 +51,30 @@ from .model import (
 )
 
 __all__ = [
+    "DETAILS_TOO_DEEP",
+    "NUL_REFUSED",
     "SUPPORTED_SCHEMA_VERSION",
     "FileHeader",
+    "FileIdentity",
     "FileRecord",
     "RecordProblem",
     "RecordReader",
+    "check_record_text",
+    "check_unchanged",
+    "check_writable",
+    "details_value",
     "dumps_records",
+    "file_changed",
+    "file_identity",
     "open_records",
+    "open_regular",
     "plain_value",
     "read_records",
     "record_from_json",
+    "record_text",
     "record_to_json",
     "unknown_fields",
+    "unreadable",
     "validate_value",
     "write_records",
 ]
@@ -158,12 +173,17 @@ class FileHeader:
 class _FieldError(Exception):
     """A record value serde would refuse. ``field`` is a dotted path inside the record."""
 
-    def __init__(self, message: str, field: str, *, container: str | None = None) -> None:
+    def __init__(
+        self, message: str, field: str, *, container: str | None = None, locate: bool = False
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
         # For a missing field: the path of the object that lacks it (its line is reported).
         self.container = container
+        # A problem of the JSON text itself (nesting, a number out of range): the positional
+        # parser finds the exact place, as serde_json reports it while parsing.
+        self.locate = locate
 
 
 #: Raised by a ``convert`` function given to :meth:`RecordReader.convert_each` to refuse a
@@ -171,10 +191,15 @@ class _FieldError(Exception):
 RecordProblem = _FieldError
 
 
-def validate_value(value: object) -> tuple[IdempotencyRecord, tuple[str, ...]]:
+def validate_value(
+    value: object, *, containers: int = 2
+) -> tuple[IdempotencyRecord, tuple[str, ...]]:
     """Validate one decoded record value exactly like the reader (serde's rules and messages):
-    the record and its unknown fields, or :class:`RecordProblem`."""
-    return _convert(value, {})
+    the record and its unknown fields, or :class:`RecordProblem`. ``containers``: how deep
+    the record sits in its file (2 in the versioned form, 1 in the legacy one), for the
+    nesting limit the Rust parser counts over the whole file. Big integers in the details
+    are replaced (in place) by the float the Rust parser holds."""
+    return _convert(value, {}, containers)
 
 
 def unknown_fields(value: dict[str, Any]) -> tuple[str, ...]:
@@ -190,11 +215,23 @@ class _SyntaxProblem(Exception):
         self.pos = pos
 
 
-class _DuplicateKey(Exception):
+_DuplicateKey = DuplicateKey
+
+
+class _Unreadable(Exception):
+    """The text of a value is not what serde_json reads (NaN, a number out of range, nesting
+    too deep): the reader explains it with the positional parser."""
+
+
+class _NonFinite(_Unreadable):
     pass
 
 
-class _NonFinite(Exception):
+class _OutOfRange(_Unreadable):
+    pass
+
+
+class _TooDeep(_Unreadable):
     pass
 
 
@@ -209,22 +246,75 @@ def _reject_constant(name: str) -> Any:
     raise _NonFinite(name)
 
 
+def _float(text: str) -> float:
+    try:
+        return jsonvalue.rust_float(text)
+    except OutOfRange:
+        raise _OutOfRange(text) from None
+
+
+def _exact_int(text: str) -> int | float:
+    """Integers as serde_json holds them (``-0`` is ``-0.0``): for records whose text holds
+    a ``-0``, the only integer Python's decoder reads otherwise."""
+    try:
+        return jsonvalue.rust_int_text(text)
+    except OutOfRange:
+        raise _OutOfRange(text) from None
+
+
 _Scanner = Callable[[str, int], tuple[Any, int]]
 T = TypeVar("T")
 _RecordsFn = Callable[["_Source", set[str], str, bool], Iterator[T]]
 # scan_once is the C scanner behind raw_decode (not in typeshed): value, end = scan(text, idx)
+# Every scanner reads numbers as the Rust parser does: a float beyond f64 is refused
+# (``_float``); an integer keeps Python's exact value (records whose text holds an integer
+# ``-0`` are scanned again with ``_exact_int``, see _neg_zero); details convert theirs.
+_HOOKS: Final[dict[str, Any]] = {"parse_constant": _reject_constant, "parse_float": _float}
 _SCAN: Final[_Scanner] = json.JSONDecoder(  # type: ignore[attr-defined]
-    object_pairs_hook=_pairs_hook, parse_constant=_reject_constant
+    object_pairs_hook=_pairs_hook, **_HOOKS
 ).scan_once
-_PLAIN_SCAN: Final[_Scanner] = json.JSONDecoder(  # type: ignore[attr-defined]
-    parse_constant=_reject_constant
-).scan_once
+_PLAIN_SCAN: Final[_Scanner] = json.JSONDecoder(**_HOOKS).scan_once  # type: ignore[attr-defined]
 # The bulk path's scanner: objects come out as tuples of (key, value) pairs (the hook is the C
-# type ``tuple``: no Python call per object), which _objects() turns into dicts, finding
+# type ``tuple``: no Python call per object), which plain_value() turns into dicts, finding
 # duplicate keys on the way.
 _PAIRS_SCAN: Final[_Scanner] = json.JSONDecoder(  # type: ignore[attr-defined]
-    object_pairs_hook=tuple, parse_constant=_reject_constant
+    object_pairs_hook=tuple, **_HOOKS
 ).scan_once
+_EXACT: Final[dict[Any, _Scanner]] = {
+    scan: json.JSONDecoder(  # type: ignore[attr-defined]
+        object_pairs_hook=hook, parse_int=_exact_int, **_HOOKS
+    ).scan_once
+    for scan, hook in ((_SCAN, _pairs_hook), (_PAIRS_SCAN, tuple))
+}
+
+
+def _iterative(hook: Callable[[Any], Any], parse_int: Callable[[str], Any]) -> _Scanner:
+    def scan(text: str, idx: int) -> tuple[Any, int]:
+        return jsonvalue.decode_iterative(
+            text,
+            idx,
+            make_object=hook,
+            parse_float=_float,
+            parse_int=parse_int,
+            parse_constant=_reject_constant,
+        )
+
+    return scan
+
+
+# The same decoding without recursion, for a value the C scanner cannot finish on what is left
+# of the stack (it recurses per level).
+_ITERATIVE: Final[dict[Any, _Scanner]] = {
+    _SCAN: _iterative(_pairs_hook, int),
+    _PLAIN_SCAN: _iterative(dict, int),
+    _PAIRS_SCAN: _iterative(tuple, int),
+    _EXACT[_SCAN]: _iterative(_pairs_hook, _exact_int),
+    _EXACT[_PAIRS_SCAN]: _iterative(tuple, _exact_int),
+}
+#: An integer ``-0`` (serde_json's float ``-0.0``), or the same characters inside a string.
+_NEG_ZERO_RE: Final = re.compile(r"-0(?![0-9.eE])")
+#: A ``\u`` escape: where a lone surrogate or a NUL may hide.
+_ESCAPE_RE: Final = re.compile(r"\\u")
 _c_scanstring: Final[Callable[[str, int], tuple[str, int]]] = json.decoder.scanstring  # type: ignore[attr-defined]
 
 
@@ -245,39 +335,47 @@ def _describe(value: object) -> str:
     return "map"
 
 
-def _objects(pairs: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
-    """A value scanned by ``_PAIRS_SCAN`` (an object: a tuple of pairs) as plain dicts and
-    lists; :class:`_DuplicateKey` if an object repeats a key."""
-    d = dict(pairs)
-    if len(d) != len(pairs):
-        raise _DuplicateKey
-    for key, item in d.items():
-        t = type(item)
-        if t is tuple:
-            d[key] = _objects(item)
-        elif t is list and item:
-            _array_objects(item)
-    return d
+def plain_value(value: Any, limit: int = MAX_DEPTH) -> Any:
+    """A value scanned with objects as tuples of pairs, as plain dicts and lists (without
+    recursion); the reader's duplicate-key error (which it reports with the field and line) if
+    an object repeats a key, and its nesting error (``recursion limit exceeded``, located by
+    the reader) if the value nests deeper than ``limit``."""
+    try:
+        return jsonvalue.plain_value(value, limit)
+    except TooDeep:
+        raise _FieldError("recursion limit exceeded", "", locate=True) from None
 
 
-def plain_value(value: Any) -> Any:
-    """A value scanned with objects as tuples of pairs, as plain dicts and lists; the reader's
-    duplicate-key error (which it reports with the field and line) if an object repeats a
-    key."""
-    if type(value) is tuple:
-        return _objects(value)
-    if type(value) is list and value:
-        _array_objects(value)
-    return value
+#: Why details may nest no deeper than MAX_DETAILS_DEPTH (the message says what to fix).
+DETAILS_TOO_DEEP: Final = (
+    f"nested more than {MAX_DETAILS_DEPTH} levels deep: the Rust store's parser refuses a file "
+    f"nested {jsonvalue.RUST_RECURSION_LIMIT} levels deep, and the details of a record sit "
+    f"{jsonvalue.DETAILS_CONTAINERS} levels down in the file it reads"
+)
 
 
-def _array_objects(items: list[Any]) -> None:
-    for i, item in enumerate(items):
-        t = type(item)
-        if t is tuple:
-            items[i] = _objects(item)
-        elif t is list and item:
-            _array_objects(item)
+def details_value(value: Any, *, copy: bool = False) -> Any:
+    """Decoded outcome details (objects as dicts or as tuples of pairs) as the Rust store's
+    parser holds them: integers beyond u64 / below i64 as the f64 it reads, plain dicts; or
+    :class:`RecordProblem` for details nested deeper than MAX_DETAILS_DEPTH or a number beyond
+    f64. ``copy``: leave ``value`` untouched (else lists are changed in place)."""
+    field = "outcome.details"
+    try:
+        return jsonvalue.plain_value(value, MAX_DETAILS_DEPTH, rust_numbers=True, copy=copy)
+    except TooDeep:
+        raise _FieldError(DETAILS_TOO_DEEP, field) from None
+    except OutOfRange:
+        raise _FieldError("number out of range", field, locate=True) from None
+
+
+def check_record_text(value: Any, containers: int) -> None:
+    """A record with fields serde ignores: they still have to parse (nesting, numbers)."""
+    try:
+        jsonvalue.check_value(value, MAX_DEPTH - containers)
+    except TooDeep:
+        raise _FieldError("recursion limit exceeded", "", locate=True) from None
+    except OutOfRange:
+        raise _FieldError("number out of range", "", locate=True) from None
 
 
 def _join(path: str, name: str) -> str:
@@ -352,7 +450,7 @@ def _tenant_from(
     return tenant
 
 
-def _outcome_from(v: object, path: str) -> Outcome:
+def _outcome_from(v: object, path: str, *, copy: bool = False) -> Outcome:
     if type(v) is not dict:
         raise _FieldError(
             f"invalid type: {_describe(v)}, expected struct IdempotencyKeyOutcome", path
@@ -370,7 +468,7 @@ def _outcome_from(v: object, path: str) -> Outcome:
         _opt_str(d, "primary_ref_id", path),
         _opt_str(d, "secondary_ref_kind", path),
         _opt_str(d, "secondary_ref_id", path),
-        d.get("details"),
+        details_value(d.get("details"), copy=copy),
     )
 
 
@@ -388,9 +486,14 @@ def _unknown_fields(d: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _convert(
-    v: object, cache: dict[tuple[Any, ...], TenantContext]
+    v: object,
+    cache: dict[tuple[Any, ...], TenantContext],
+    containers: int = 2,
+    *,
+    copy: bool = False,
 ) -> tuple[IdempotencyRecord, tuple[str, ...]]:
-    """Validate one decoded record value like serde; return it and its unknown fields."""
+    """Validate one decoded record value like serde; return it and its unknown fields.
+    ``containers``: how deep the record sits in the file (see :func:`validate_value`)."""
     if type(v) is not dict:
         raise _FieldError(f"invalid type: {_describe(v)}, expected struct IdempotencyKeyRecord", "")
     d = cast(dict[str, Any], v)
@@ -432,7 +535,7 @@ def _convert(
     if expires is not None and (type(expires) is not int or not 0 <= expires <= U64_MAX):
         _check_uint(expires, "expires_at_ms", 64)
     raw_outcome = g("outcome")
-    outcome = None if raw_outcome is None else _outcome_from(raw_outcome, "outcome")
+    outcome = None if raw_outcome is None else _outcome_from(raw_outcome, "outcome", copy=copy)
     count = g("conflict_count", 0)
     if type(count) is not int or not 0 <= count <= U64_MAX:
         _check_uint(count, "conflict_count", 64)
@@ -474,31 +577,85 @@ def _convert(
         oc_ok = type(raw_outcome) is not dict or raw_outcome.keys() <= _OUTCOME_FIELD_SET
         if tc_ok and oc_ok:
             return record, _EMPTY
+    check_record_text(d, containers)
     return record, _unknown_fields(d)
 
 
+def _bad_text(s: str) -> bool:
+    if s.isascii():
+        return False
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _find_surrogate(value: object, path: str) -> str | None:
-    """Path of the first string (or key) holding a lone surrogate, which UTF-8 cannot hold."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path
-        return None
-    if isinstance(value, list):
-        for i, item in enumerate(value):
-            found = _find_surrogate(item, f"{path}[{i}]")
-            if found is not None:
-                return found
-    elif isinstance(value, dict):
-        for k, item in value.items():
-            sub = _join(path, k)
-            if _find_surrogate(k, sub) is not None:
-                return sub
-            found = _find_surrogate(item, sub)
-            if found is not None:
-                return found
+    """Path of the first string (or key) holding a lone surrogate, which UTF-8 cannot hold
+    (without recursion)."""
+    stack: list[tuple[object, str]] = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            if _bad_text(item):
+                return where
+        elif isinstance(item, list):
+            stack.extend((x, f"{where}[{i}]") for i, x in reversed(list(enumerate(item))))
+        elif isinstance(item, dict):
+            members = []
+            for k, x in item.items():
+                sub = _join(where, k)
+                if _bad_text(k):
+                    members.append((k, sub))
+                    break
+                members.append((x, sub))
+            stack.extend(reversed(members))
     return None
+
+
+#: Text fields of a record (dotted paths): what PostgreSQL stores in ``text`` columns, which
+#: cannot hold NUL (details are stored as JSON, where NUL stays an escape).
+_TEXT_FIELDS: Final = (
+    "record_id",
+    "tenant_context.org_id",
+    "tenant_context.workspace_id",
+    "tenant_context.deployment_id",
+    "tenant_context.actor_id",
+    "operation",
+    "key",
+    "owner",
+    "request_fingerprint",
+    "first_seen_event_id",
+    "outcome.outcome_kind",
+    "outcome.primary_ref_kind",
+    "outcome.primary_ref_id",
+    "outcome.secondary_ref_kind",
+    "outcome.secondary_ref_id",
+)
+
+
+def _find_nul(record: dict[str, Any]) -> str | None:
+    """The dotted path of the first text field of a (plain) record holding NUL, or None."""
+    for name in _TEXT_FIELDS:
+        head, _, tail = name.partition(".")
+        value = record.get(head)
+        if tail:
+            value = value.get(tail) if type(value) is dict else None
+        if type(value) is str and "\x00" in value:
+            return name
+    fingerprints = record.get("conflict_fingerprints")
+    if type(fingerprints) is list:
+        for i, fp in enumerate(fingerprints):
+            if type(fp) is str and "\x00" in fp:
+                return f"conflict_fingerprints[{i}]"
+    return None
+
+
+#: The message for NUL in a text field when the database is PostgreSQL.
+NUL_REFUSED: Final = (
+    "text containing NUL (\\u0000) cannot be stored in PostgreSQL (only in details)"
+)
 
 
 def record_from_json(value: object, *, map_key: str | None = None) -> IdempotencyRecord:
@@ -508,9 +665,11 @@ def record_from_json(value: object, *, map_key: str | None = None) -> Idempotenc
     fields are ignored; duplicate keys cannot be seen here (``json.loads`` already merged them).
     """
     try:
-        record, _ = _convert(value, {})
+        record, _ = _convert(value, {}, copy=True)
     except _FieldError as exc:
         raise FileFormatError(exc.message, record_id=map_key, field=exc.field or None) from None
+    except DuplicateKey:  # pragma: no cover - json.loads merges duplicate keys
+        raise FileFormatError("duplicate field", record_id=map_key) from None
     bad = _find_surrogate(value, "")
     if bad is not None:
         raise FileFormatError(
@@ -530,11 +689,31 @@ def _pskip_ws(text: str, i: int) -> int:
     return m.end()
 
 
-def _pparse(text: str, i: int, path: str, positions: dict[str, int], starts: dict[str, int]) -> int:
-    """Parse one value at ``text[i:]``; fill ``positions[path]`` (value start). Return its end."""
+#: The field a nesting error names: the record field it is under (``outcome.details`` for
+#: details), not the path down to the 128th level.
+_TOP_FIELD_RE: Final = re.compile(r"(?:(?:outcome|tenant_context)\.)?[^.\[]*")
+
+
+def _top_field(path: str) -> str:
+    m = _TOP_FIELD_RE.match(path)
+    return m.group() if m is not None and m.group() else path
+
+
+def _pparse(
+    text: str,
+    i: int,
+    path: str,
+    positions: dict[str, int],
+    starts: dict[str, int],
+    depth: int = 0,
+) -> int:
+    """Parse one value at ``text[i:]``; fill ``positions[path]`` (value start). Return its end.
+    ``depth``: containers around the value in the file (the Rust parser's nesting count)."""
     i = _pskip_ws(text, i)
     positions.setdefault(path, i)
     c = text[i : i + 1]
+    if (c == "{" or c == "[") and depth >= MAX_DEPTH:
+        raise _SyntaxProblem("recursion limit exceeded", _top_field(path), i)
     if c == "{":
         starts.setdefault(path, i)
         i = _pskip_ws(text, i + 1)
@@ -555,7 +734,7 @@ def _pparse(text: str, i: int, path: str, positions: dict[str, int], starts: dic
             j = _pskip_ws(text, j)
             if text[j : j + 1] != ":":
                 raise _SyntaxProblem("expected ':'", path, j)
-            i = _pskip_ws(text, _pparse(text, j + 1, sub, positions, starts))
+            i = _pskip_ws(text, _pparse(text, j + 1, sub, positions, starts, depth + 1))
             c = text[i : i + 1]
             if c == ",":
                 i = _pskip_ws(text, i + 1)
@@ -569,7 +748,7 @@ def _pparse(text: str, i: int, path: str, positions: dict[str, int], starts: dic
             return i + 1
         n = 0
         while True:
-            i = _pskip_ws(text, _pparse(text, i, f"{path}[{n}]", positions, starts))
+            i = _pskip_ws(text, _pparse(text, i, f"{path}[{n}]", positions, starts, depth + 1))
             n += 1
             c = text[i : i + 1]
             if c == ",":
@@ -589,6 +768,10 @@ def _pparse(text: str, i: int, path: str, positions: dict[str, int], starts: dic
             return i + len(literal)
     m = _NUMBER_RE.match(text, i)
     if m is not None:
+        try:
+            jsonvalue.check_number(m.group())
+        except OutOfRange:
+            raise _SyntaxProblem("number out of range", path, i) from None
         return m.end()
     for literal in ("NaN", "Infinity", "-Infinity"):
         if text.startswith(literal, i):
@@ -597,15 +780,103 @@ def _pparse(text: str, i: int, path: str, positions: dict[str, int], starts: dic
 
 
 # --------------------------------------------------------------------------------------------
+# Opening: regular files only, and the same file from start to end
+
+#: What identifies the file a reader (or an import) started with:
+#: ``(st_dev, st_ino, st_size, st_mtime_ns)``.
+FileIdentity = tuple[int, int, int, int]
+
+_KINDS: Final = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def unreadable(path: str, error: OSError) -> FileFormatError:
+    """The error for a file that cannot be opened or measured."""
+    return FileFormatError(f"cannot read the file: {error.strerror}", path=path)
+
+
+def file_changed(path: str) -> FileFormatError:
+    """The error for a file that changed (size, mtime, or another file at its path) while it
+    was read."""
+    return FileFormatError(
+        "the file changed while it was read (its size, modification time or identity is not "
+        "what it was when reading began); stop every writer of the file, or read a copy",
+        path=path,
+    )
+
+
+def _identity(st: os.stat_result) -> FileIdentity:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def open_regular(path: str, expect: FileIdentity | None = None) -> tuple[Any, FileIdentity]:
+    """``(binary file, identity)``: ``path`` opened for reading, if it is a regular file (and,
+    given ``expect``, still that file, unchanged). Never blocks: a FIFO, a directory or a
+    device is refused (FileFormatError, one line), not waited on."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as error:
+        raise unreadable(path, error) from None
+    try:
+        st = os.fstat(fd)
+        for test, kind in _KINDS:
+            if test(st.st_mode):
+                raise FileFormatError(
+                    f"not a regular file ({kind}): only regular files are read; copy it to one",
+                    path=path,
+                )
+        identity = _identity(st)
+        if expect is not None and identity != expect:
+            raise file_changed(path)
+        return os.fdopen(fd, "rb"), identity
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_unchanged(path: str, identity: FileIdentity) -> None:
+    """:func:`file_changed` unless the file at ``path`` still has ``identity``."""
+    try:
+        now = _identity(os.stat(path))
+    except OSError:
+        raise file_changed(path) from None
+    if now != identity:
+        raise file_changed(path)
+
+
+def file_identity(path: str | os.PathLike[str]) -> FileIdentity:
+    """The identity of a regular file that can be read (see :func:`open_regular`)."""
+    file, identity = open_regular(os.fspath(path))
+    file.close()
+    return identity
+
+
+# --------------------------------------------------------------------------------------------
 # Buffered text source with line tracking
 
 
 class _Source:
-    """A file decoded to text chunk by chunk (strict UTF-8), with a cursor and line numbers."""
+    """A file decoded to text chunk by chunk (strict UTF-8), with a cursor and line numbers.
 
-    def __init__(self, path: str, start: int = 0, stop: int | None = None) -> None:
+    Only a regular file is read (see :func:`open_regular`), and it must stay the same file:
+    :meth:`check_unchanged` at the end compares it with what was opened (``expect``, if
+    given, is checked at open)."""
+
+    def __init__(
+        self,
+        path: str,
+        start: int = 0,
+        stop: int | None = None,
+        expect: FileIdentity | None = None,
+    ) -> None:
         self.path = path
-        self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._file, self.identity = open_regular(path, expect)
         if start:
             self._file.seek(start)
         self._start = start
@@ -623,6 +894,17 @@ class _Source:
     def close(self) -> None:
         self._file.close()
 
+    def check_unchanged(self) -> None:
+        """:func:`file_changed` if the open file's size or mtime, or the file at its path, is
+        not what was opened."""
+        try:
+            now = _identity(os.fstat(self._file.fileno()))
+            at_path = _identity(os.stat(self.path))
+        except OSError:
+            raise file_changed(self.path) from None
+        if now != self.identity or at_path != self.identity:
+            raise file_changed(self.path)
+
     @property
     def bytes_read(self) -> int:
         """Bytes of the file read so far (from the start of the file)."""
@@ -636,12 +918,15 @@ class _Source:
     def line_at(self, abs_pos: int) -> int:
         """The 1-based line of the file at absolute char offset ``abs_pos`` (near the cursor)."""
         if self._lines_before is None:  # a range that starts mid-file: count what is before
+            # Read from the file already open (not by path: it may have been replaced since).
             count = 0
             left = self._start
-            with open(self.path, "rb") as head:
-                while left > 0 and (block := head.read(min(_CHUNK_BYTES, left))):
-                    count += block.count(b"\n")
-                    left -= len(block)
+            back = self._file.tell()
+            self._file.seek(0)
+            while left > 0 and (block := self._file.read(min(_CHUNK_BYTES, left))):
+                count += block.count(b"\n")
+                left -= len(block)
+            self._file.seek(back)
             self._lines_before = count
         return self._advance(abs_pos) + self._lines_before
 
@@ -749,8 +1034,14 @@ class _Source:
             self.pos = end
             return s
 
-    def value(self, scan: Callable[[str, int], tuple[Any, int]] = _PLAIN_SCAN) -> Any:
-        """Decode one whole JSON value at the cursor (already on its first char)."""
+    def value(
+        self,
+        scan: Callable[[str, int], tuple[Any, int]] = _PLAIN_SCAN,
+        *,
+        depth: int = 1,
+    ) -> Any:
+        """Decode one whole JSON value at the cursor (already on its first char). ``depth``:
+        containers around it in the file (the Rust parser's nesting count)."""
         if len(self.buf) - self.pos < _READ_AHEAD and not self.eof:
             self.ensure(_READ_AHEAD)
         while True:
@@ -759,6 +1050,17 @@ class _Source:
                     value, end = scan(self.buf, self.pos)
                 except StopIteration as stop:  # what raw_decode turns into "Expecting value"
                     raise json.JSONDecodeError("Expecting value", self.buf, stop.value) from None
+                except RecursionError:
+                    # The C scanner recurses per level: nested too deep for the Rust parser,
+                    # or too deep for what is left of this thread's stack.
+                    too_deep = jsonvalue.first_too_deep(self.buf, self.pos, None, MAX_DEPTH - depth)
+                    if too_deep is None and scan in _ITERATIVE:
+                        scan = _ITERATIVE[scan]
+                        continue
+                    if scan is not _PLAIN_SCAN:
+                        raise _TooDeep from None  # the record reader explains it
+                    at = self.base + (self.pos if too_deep is None else too_deep)
+                    raise self.error("recursion limit exceeded", at=at) from None
             except json.JSONDecodeError as exc:
                 if self._truncated(exc) and self.fill():
                     continue
@@ -767,18 +1069,29 @@ class _Source:
                         "unexpected end of file (truncated JSON?)", at=self.base + exc.pos
                     ) from None
                 raise self.error(f"invalid JSON: {exc.msg}", at=self.base + exc.pos) from None
-            except _NonFinite:
-                if scan is not _PLAIN_SCAN:
+            except ValueError as exc:  # an integer too long for int(): beyond f64 in any case
+                if isinstance(exc, FileFormatError):
+                    raise
+                if scan is not _PLAIN_SCAN and scan is not _ITERATIVE[_PLAIN_SCAN]:
+                    raise _OutOfRange from None
+                self.explain_plain(self.pos, depth)
+            except _Unreadable:
+                if scan is not _PLAIN_SCAN and scan is not _ITERATIVE[_PLAIN_SCAN]:
                     raise  # the record reader explains it with the field
-                try:
-                    _pparse(self.buf, self.pos, "", {}, {})
-                except _SyntaxProblem as problem:
-                    raise self.error(problem.message, at=self.base + problem.pos) from None
-                raise self.error("NaN and Infinity are not valid JSON") from None
+                self.explain_plain(self.pos, depth)
             if end >= len(self.buf) and self.fill():
                 continue  # a number may go on in the next chunk
             self.pos = end
             return value
+
+    def explain_plain(self, start: int, depth: int) -> NoReturn:
+        """The error for a value outside a record (at ``buf[start:]``, ``depth`` containers
+        down) that the Rust parser refuses."""
+        try:
+            _pparse(self.buf, start, "", {}, {}, depth)
+        except _SyntaxProblem as problem:
+            raise self.error(problem.message, at=self.base + problem.pos) from None
+        raise self.error("NaN and Infinity are not valid JSON", at=self.base + start)
 
 
 def _members(src: _Source, what: str, *, after_value: bool) -> Iterator[tuple[str, int]]:
@@ -823,6 +1136,20 @@ def _members(src: _Source, what: str, *, after_value: bool) -> Iterator[tuple[st
         c = src.peek()
 
 
+def _neg_zero(buf: str, start: int, end: int) -> bool:
+    """Whether ``buf[start:end]`` (JSON text) may hold the integer ``-0`` (a ``-0`` after
+    ``:``, ``[`` or ``,``; possibly inside a string, which only costs an exact decode)."""
+    m = _NEG_ZERO_RE.search(buf, start, end)
+    while m is not None:
+        i = m.start() - 1
+        while i >= start and buf[i] in _JSON_WS:
+            i -= 1
+        if i >= start and buf[i] in ":[,":
+            return True
+        m = _NEG_ZERO_RE.search(buf, m.end(), end)
+    return False
+
+
 def _record_boundary(src: _Source) -> str:
     """The text that ends a record followed by another in this file's layout: a newline, the
     indent of the closing brace of the record just read (the cursor is after it), ``},``.
@@ -832,23 +1159,36 @@ def _record_boundary(src: _Source) -> str:
     return "" if m is None else "\n" + m.group(1) + "},"
 
 
-def _skip_value(src: _Source) -> None:
-    """Skip one value with bounded memory: objects are walked member by member."""
+def _skip_value(src: _Source, depth: int = 1) -> None:
+    """Skip one value with bounded memory (objects are walked member by member), checking it
+    as the Rust parser reads it. ``depth``: containers around it in the file."""
     if src.peek() == "{":
         src.ensure(_READ_AHEAD)
         try:
-            _, end = _PLAIN_SCAN(src.buf, src.pos)
-        except (StopIteration, json.JSONDecodeError, _NonFinite):
+            value, end = _PLAIN_SCAN(src.buf, src.pos)
+        except (StopIteration, ValueError, _Unreadable, RecursionError):
             pass
         else:
             if end < len(src.buf):
+                _check_skipped(src, value, src.base + src.pos, depth)
                 src.pos = end
                 return
+        if depth >= MAX_DEPTH:
+            raise src.error("recursion limit exceeded")
         src.pos += 1
         for _key, _pos in _members(src, "object", after_value=False):
-            _skip_value(src)
+            _skip_value(src, depth + 1)
         return
-    src.value()
+    at = src.base + src.pos
+    _check_skipped(src, src.value(depth=depth), at, depth)
+
+
+def _check_skipped(src: _Source, value: Any, at: int, depth: int) -> None:
+    """A value outside the records (ignored) must still parse: nesting and numbers."""
+    try:
+        jsonvalue.check_value(value, MAX_DEPTH - depth)
+    except (TooDeep, OutOfRange):
+        src.explain_plain(at - src.base, depth)
 
 
 # --------------------------------------------------------------------------------------------
@@ -906,13 +1246,26 @@ class RecordReader:
     one of its records, and ``stop`` (if given) the offset of such a comma, where reading ends
     cleanly. A part that does not start or end where a record does fails like a broken file.
     Line numbers stay those of the whole file.
+
+    Only a regular file is read, never waiting on a FIFO or a device; ``expect`` (see
+    :func:`file_identity`) must match the file when it is opened, and whatever was opened must
+    be unchanged (size, mtime, the file at its path) when the last record has been read:
+    :class:`~idemstore.errors.FileFormatError` otherwise. ``forbid_nul``: refuse NUL in the
+    record fields a PostgreSQL ``text`` column holds (for :meth:`convert_each`).
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, start: int = 0, stop: int | None = None
+        self,
+        path: str | os.PathLike[str],
+        *,
+        start: int = 0,
+        stop: int | None = None,
+        expect: FileIdentity | None = None,
+        forbid_nul: bool = False,
     ) -> None:
         self.path = os.fspath(path)
-        self._src = _Source(self.path, start, stop)
+        self._src = _Source(self.path, start, stop, expect)
+        self._forbid_nul = forbid_nul
         self._form: Literal["empty", "legacy", "versioned"] = "empty"
         self._version: int | None = None
         self._top_unknown: list[str] = []
@@ -945,6 +1298,12 @@ class RecordReader:
     def bytes_read(self) -> int:
         """How far into the file reading has got, in bytes (for progress reports)."""
         return self._src.bytes_read
+
+    @property
+    def containers(self) -> int:
+        """How deep a record sits in this file: the top-level object (legacy), and the
+        ``records`` map (versioned)."""
+        return 1 if self._form == "legacy" else 2
 
     def _open(self) -> None:
         src = self._src
@@ -987,7 +1346,7 @@ class RecordReader:
         src.pos = key_abs - src.base
         self._prepass()
         self._src.close()
-        self._src = _Source(self.path)
+        self._src = _Source(self.path, expect=self._src.identity)
         self._src.expect("{", "'{'")
 
     def _prepass(self) -> None:
@@ -1073,46 +1432,65 @@ class RecordReader:
                 return self._records(src, seen_ids, what, after=after)
 
         try:
-            if self._form == "empty":
-                return
-            src = self._src
-            seen_ids: set[str] = set()
-            if self._form == "legacy":
-                yield from records(src, seen_ids, "the top-level object", False)
-                self._check_trailing()
-                return
-            after_value = self._after_value
-            if self._part_start:
-                # A part: inside ``records`` already (just after its brace, or at a comma).
-                after = src.peek() == ","
-                yield from records(src, seen_ids, "records", after)
-                if self._part_done:
-                    return
-                after_value = True
-            for key, key_pos in _members(src, "the top-level object", after_value=after_value):
-                if key in self._top_seen:
-                    raise src.error(f"duplicate field `{key}`", at=key_pos, field=key)
-                self._top_seen.add(key)
-                if key == "schema_version":
-                    at = src.base + src.pos
-                    _check_top_version(src, src.value(), at)
-                elif key == "records":
-                    if src.peek() != "{":
-                        v = src.value()
-                        raise src.error(
-                            f"invalid type: {_describe(v)}, expected a map", field="records"
-                        )
-                    src.pos += 1
-                    yield from records(src, seen_ids, "records", False)
-                    if self._part_done:
-                        return
-                else:
-                    if not self._prescanned:
-                        self._top_unknown.append(key)
-                    _skip_value(src)
-            self._check_trailing()
+            yield from self._top_level(records)
+            if self._form != "empty":
+                self._src.check_unchanged()
         finally:
             self._src.close()
+
+    def _top_level(self, records: _RecordsFn[T]) -> Iterator[Any]:
+        if self._form == "empty":
+            return
+        src = self._src
+        seen_ids: set[str] = set()
+        if self._form == "legacy":
+            yield from records(src, seen_ids, "the top-level object", False)
+            self._check_trailing()
+            return
+        after_value = self._after_value
+        if self._part_start:
+            # A part: inside ``records`` already (just after its brace, or at a comma).
+            after = src.peek() == ","
+            yield from records(src, seen_ids, "records", after)
+            if self._part_done:
+                return
+            after_value = True
+        for key, key_pos in _members(src, "the top-level object", after_value=after_value):
+            if key in self._top_seen:
+                raise src.error(f"duplicate field `{key}`", at=key_pos, field=key)
+            self._top_seen.add(key)
+            if key == "schema_version":
+                at = src.base + src.pos
+                _check_top_version(src, src.value(), at)
+            elif key == "records":
+                if src.peek() != "{":
+                    v = src.value()
+                    raise src.error(
+                        f"invalid type: {_describe(v)}, expected a map", field="records"
+                    )
+                src.pos += 1
+                yield from records(src, seen_ids, "records", False)
+                if self._part_done:
+                    return
+            else:
+                if not self._prescanned:
+                    self._top_unknown.append(key)
+                _skip_value(src)
+        self._check_trailing()
+
+    def _record_value(self, src: _Source, scan: _Scanner, map_key: str) -> tuple[Any, int]:
+        """Decode the record value at the cursor: ``(value, start)`` (its offset in
+        ``src.buf``), integers read exactly when its text may hold a ``-0``; what serde_json
+        would refuse in its text is explained (FileFormatError with field and line)."""
+        abs_start = src.base + src.pos
+        try:
+            value = src.value(scan, depth=self.containers)
+            start = abs_start - src.base  # src.buf may have been compacted by value()
+            if _neg_zero(src.buf, start, src.pos):
+                value, _ = _EXACT[scan](src.buf, start)
+        except (_DuplicateKey, _Unreadable):
+            raise self._explain(src, map_key, None, start=abs_start - src.base) from None
+        return value, start
 
     def _records(
         self, src: _Source, seen_ids: set[str], what: str, *, after: bool
@@ -1124,20 +1502,13 @@ class RecordReader:
                     f"duplicate record id {map_key!r} in {what}", at=key_pos, record_id=map_key
                 )
             seen_ids.add(map_key)
-            start = src.pos
-            abs_start = src.base + start
+            value, start = self._record_value(src, _SCAN, map_key)
+            line = src.line_at(src.base + start)
             try:
-                value = src.value(_SCAN)
-            except (_DuplicateKey, _NonFinite):
-                raise self._explain(src, map_key, None) from None
-            # src.buf may have been compacted by value(): recompute the start offset
-            start = abs_start - src.base
-            line = src.line_at(abs_start)
-            try:
-                record, unknown = _convert(value, cache)
+                record, unknown = _convert(value, cache, self.containers)
             except _FieldError as exc:
                 raise self._explain(src, map_key, exc, start=start, line=line) from None
-            if src.buf.find("\\u", start, src.pos) != -1 or not map_key.isascii():
+            if _ESCAPE_RE.search(src.buf, start, src.pos) is not None or not map_key.isascii():
                 bad = _find_surrogate(map_key, "")
                 if bad is not None:
                     raise src.error(
@@ -1161,29 +1532,38 @@ class RecordReader:
         boundary: str | None = None
         retry_at = 0  # absolute offset before which the chunk path is not tried again
         part_stop = self._part_stop
+        forbid_nul = self._forbid_nul
+        limit = MAX_DEPTH - self.containers
         for map_key, key_pos in _members(src, what, after_value=after):
             if map_key in seen_ids:
                 raise src.error(
                     f"duplicate record id {map_key!r} in {what}", at=key_pos, record_id=map_key
                 )
             seen_ids.add(map_key)
-            abs_start = src.base + src.pos
+            value, start = self._record_value(src, _PAIRS_SCAN, map_key)
+            buf, end = src.buf, src.pos
             try:
-                value = src.value(_PAIRS_SCAN)
-            except _NonFinite:
-                raise self._explain(src, map_key, None) from None
-            buf, start, end = src.buf, abs_start - src.base, src.pos
-            try:
-                if buf.find("\\u", start, end) != -1 or not map_key.isascii():
+                if (
+                    _ESCAPE_RE.search(buf, start, end) is not None
+                    or not map_key.isascii()
+                    or (forbid_nul and "\x00" in map_key)
+                ):
                     if _find_surrogate(map_key, "") is not None:
                         raise src.error(
                             "lone surrogate in string escape", at=key_pos, record_id=map_key
                         )
-                    value = plain_value(value)
+                    if forbid_nul and "\x00" in map_key:
+                        raise src.error(NUL_REFUSED, at=key_pos, record_id=map_key)
+                    value = plain_value(value, limit)
                     bad = _find_surrogate(value, "")
                     if bad is not None:
                         problem = _FieldError("lone surrogate in string escape", bad)
                         raise self._explain(src, map_key, problem, start=start)
+                    bad = _find_nul(value) if forbid_nul and type(value) is dict else None
+                    if bad is not None:
+                        raise self._explain(
+                            src, map_key, _FieldError(NUL_REFUSED, bad), start=start
+                        )
                 converted = convert(map_key, value)
             except _DuplicateKey:
                 raise self._explain(src, map_key, None, start=start) from None
@@ -1234,12 +1614,14 @@ class RecordReader:
             if cut == -1:
                 return None, base + len(buf)
         stop = cut + len(boundary) - 1  # the comma after the last record of the chunk
-        if buf.find("\\u", m.end(), stop) != -1:
-            return None, base + stop  # escapes may hide lone surrogates: checked per record
+        if _ESCAPE_RE.search(buf, m.end(), stop) is not None or _neg_zero(buf, m.end(), stop):
+            # Escapes may hide lone surrogates (or NUL), a -0 needs exact integers: checked
+            # record by record.
+            return None, base + stop
         text = "{" + buf[m.end() : stop] + "}"
         try:
             pairs, end = _PAIRS_SCAN(text, 0)
-        except (StopIteration, json.JSONDecodeError, _NonFinite):
+        except (StopIteration, ValueError, _Unreadable, RecursionError):
             return None, base + stop
         if end != len(text) or type(pairs) is not tuple or not pairs:
             return None, base + stop
@@ -1272,9 +1654,9 @@ class RecordReader:
         positions: dict[str, int] = {}
         starts: dict[str, int] = {}
         try:
-            _pparse(text, start, "", positions, starts)
+            _pparse(text, start, "", positions, starts, self.containers)
         except _SyntaxProblem as problem:
-            if exc is None:
+            if exc is None or exc.locate:
                 at = line + text.count("\n", start, problem.pos)
                 return FileFormatError(
                     problem.message,
@@ -1437,7 +1819,87 @@ def _dump(value: object, indent: str, out: list[str], sort: bool) -> None:
         raise InvalidInputError(f"cannot write {type(value).__name__} as JSON")
 
 
-def _record_text(record: IdempotencyRecord, indent: str) -> str:
+_END: Final[Any] = object()
+
+
+def _dump_iterative(value: object, indent: str, out: list[str], sort: bool) -> None:
+    """:func:`_dump` without recursion (for values deeper than the stack allows it)."""
+    # Open containers: (their members, is an object, the indent of their line).
+    stack: list[tuple[Iterator[Any], bool, str]] = []
+    current: Any = value
+    here = indent
+    while True:
+        if isinstance(current, dict) and current:
+            inner = here + "  "
+            members: Iterator[Any] = iter(sorted(current.items()) if sort else current.items())
+            k, current = next(members)
+            if not isinstance(k, str):
+                raise InvalidInputError(f"JSON object keys must be strings, not {k!r}")
+            out.append(f"{{\n{inner}{_encode_str(k)}: ")
+            stack.append((members, True, here))
+            here = inner
+            continue
+        if isinstance(current, list | tuple) and current:
+            inner = here + "  "
+            members = iter(current)
+            current = next(members)
+            out.append(f"[\n{inner}")
+            stack.append((members, False, here))
+            here = inner
+            continue
+        _dump(current, here, out, sort)  # a scalar or an empty container: no recursion
+        while stack:
+            members, is_object, outer = stack[-1]
+            item: Any = next(members, _END)
+            if item is _END:
+                stack.pop()
+                out.append(f"\n{outer}}}" if is_object else f"\n{outer}]")
+                continue
+            here = outer + "  "
+            if is_object:
+                k, current = item
+                if not isinstance(k, str):
+                    raise InvalidInputError(f"JSON object keys must be strings, not {k!r}")
+                out.append(f",\n{here}{_encode_str(k)}: ")
+            else:
+                current = item
+                out.append(f",\n{here}")
+            break
+        else:
+            return
+
+
+def _dump_details(
+    details: object, indent: str, out: list[str], record_id: str, *, for_rust: bool
+) -> None:
+    """Append outcome details (keys sorted). ``for_rust``: refuse details the Rust store could
+    not read back (nested more than MAX_DETAILS_DEPTH deep: possible only in a database
+    written before idemstore checked it)."""
+    mark = len(out)
+    try:
+        _dump(details, indent, out, True)
+    except RecursionError:  # deep details, and not enough stack left for _dump
+        del out[mark:]
+        _dump_iterative(details, indent, out, True)
+    if (
+        for_rust
+        and sum(part.count("[") + part.count("{") for part in out[mark:]) > MAX_DETAILS_DEPTH
+    ):
+        text = "".join(out[mark:])
+        if jsonvalue.first_too_deep(text, limit=MAX_DETAILS_DEPTH) is not None:
+            raise InvalidInputError(
+                f"record {record_id!r}: outcome details {DETAILS_TOO_DEEP}; fix or delete "
+                "the record, then write the file again"
+            )
+
+
+def record_text(record: IdempotencyRecord) -> str:
+    """One record as the Rust store writes it in its file (``serde_json`` pretty form), for
+    showing it (whatever its details)."""
+    return _record_text(record, "", for_rust=False)
+
+
+def _record_text(record: IdempotencyRecord, indent: str, *, for_rust: bool = True) -> str:
     d = record_to_json(record)
     details: object = _MISSING
     outcome = d.get("outcome")
@@ -1458,7 +1920,7 @@ def _record_text(record: IdempotencyRecord, indent: str) -> str:
                 _dump(v2, inner2, out, False)
                 out.append(",")
             out.append(f'\n{inner2}"details": ')
-            _dump(details, inner2, out, True)
+            _dump_details(details, inner2, out, record.record_id, for_rust=for_rust)
             out.append(f"\n{inner}}}")
         else:
             _dump(v, inner, out, False)
@@ -1504,6 +1966,20 @@ def dumps_records(records: Iterable[IdempotencyRecord]) -> str:
     return buf.getvalue()
 
 
+def _cannot_write(path: str, reason: str) -> InvalidInputError:
+    return InvalidInputError(f"cannot write {path}: {reason}")
+
+
+def check_writable(path: str) -> None:
+    """:class:`InvalidInputError` (one line) if ``path`` clearly cannot be written: it is a
+    directory, or its folder does not exist."""
+    if os.path.isdir(path):
+        raise _cannot_write(path, "it is a directory; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise _cannot_write(path, f"no such folder {folder}")
+
+
 def write_records(path: str | os.PathLike[str], records: Iterable[IdempotencyRecord]) -> int:
     """Write a versioned file atomically, one record at a time; return the record count.
 
@@ -1511,8 +1987,10 @@ def write_records(path: str | os.PathLike[str], records: Iterable[IdempotencyRec
     records in strictly ascending ``record_id`` order (e.g. ``ORDER BY record_id`` with a binary
     collation), which is checked. The text goes to ``<path>.tmp``, is flushed and fsynced, then
     renamed over ``path``, and the directory is fsynced, like the Rust store does.
+    A path that cannot be written raises :class:`InvalidInputError` (one line; no file left).
     """
     target = os.fspath(path)
+    check_writable(target)
     tmp = target + ".tmp"
     try:
         with open(tmp, "w", encoding="utf-8", errors="strict", newline="\n") as out:
@@ -1520,9 +1998,11 @@ def write_records(path: str | os.PathLike[str], records: Iterable[IdempotencyRec
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as error:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(error, OSError):
+            raise _cannot_write(target, error.strerror or str(error)) from None
         raise
     directory = os.path.dirname(os.path.abspath(target))
     try:

@@ -9,10 +9,9 @@ built and compiled once per dialect (see :mod:`idemstore.dialects`).
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Generic, Literal, TypeVar
 
@@ -20,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.elements import ClauseElement
 
+from . import jsonvalue
 from ._rows import check_unicode as _unicode
 from ._rows import dump_details, outcome_values, record_row
 from .dialects import Driver, Row, insert_for
@@ -51,6 +51,8 @@ Mode = Literal["read", "write"]
 
 #: Records deleted per transaction by ``purge_expired``.
 DEFAULT_PURGE_BATCH: Final = 1000
+#: The largest ``batch_size``: the purge's ``LIMIT`` is bound as an SQL ``INTEGER``.
+MAX_PURGE_BATCH: Final = 2**31 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +113,14 @@ def _tenant(tenant: TenantContext) -> TenantContext:
         _unicode(value, f"tenant {name}")
     _optional_str(tenant.deployment_id, "tenant deployment_id")
     _optional_str(tenant.actor_id, "tenant actor_id")
-    TenantSource(tenant.source)
+    if not isinstance(tenant.source, str) or tenant.source not in _SOURCES:
+        raise InvalidInputError(
+            f"tenant source must be one of {', '.join(sorted(_SOURCES))}, not {tenant.source!r}"
+        )
     return tenant
+
+
+_SOURCES: Final = frozenset(s.value for s in TenantSource)
 
 
 def now_ms() -> int:
@@ -129,6 +137,7 @@ def _outcome(outcome: Outcome) -> Outcome:
         raise InvalidInputError(f"outcome must be an Outcome, not {type(outcome).__name__}")
     if not isinstance(outcome.outcome_kind, str):
         raise InvalidInputError("outcome_kind must be a string")
+    _unicode(outcome.outcome_kind, "outcome_kind")
     _u64(outcome.completed_at_ms, "completed_at_ms")
     for name in ("primary_ref_kind", "primary_ref_id", "secondary_ref_kind", "secondary_ref_id"):
         _optional_str(getattr(outcome, name), name)
@@ -189,7 +198,7 @@ def record_from_row(row: Row, fingerprints: Sequence[str] = ()) -> IdempotencyRe
             primary_ref_id=primary_ref_id,
             secondary_ref_kind=secondary_ref_kind,
             secondary_ref_id=secondary_ref_id,
-            details=None if details is None else json.loads(details),
+            details=None if details is None else jsonvalue.loads(details),
         )
     return IdempotencyRecord(
         schema_version=int(schema_version),
@@ -523,8 +532,14 @@ def purge_expired(*, now_ms: int | None = None, batch_size: int = DEFAULT_PURGE_
     """Delete records whose ``expires_at_ms <= now``, ``batch_size`` per transaction when the
     store owns the transaction. Returns how many were deleted."""
     now = _now(now_ms)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidInputError(f"batch_size must be a positive integer, not {batch_size!r}")
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int)
+        or not 1 <= batch_size <= MAX_PURGE_BATCH
+    ):
+        raise InvalidInputError(
+            f"batch_size must be an integer from 1 to {MAX_PURGE_BATCH}, not {batch_size!r}"
+        )
     params = {"p_now": encode_u64(now), "p_limit": batch_size}
 
     def run(d: Driver) -> int:
@@ -708,7 +723,9 @@ def insert_rows(
     d.executemany("bulk_fingerprints", _build_bulk_fingerprint, fingerprints)
 
 
-def iter_records_in_id_order(d: Driver, page_size: int = 1000) -> Iterator[IdempotencyRecord]:
+def iter_records_in_id_order(
+    d: Driver, page_size: int = 1000
+) -> Generator[IdempotencyRecord, None, None]:
     """Every record, in binary ``record_id`` order, streamed ``page_size`` rows at a time."""
     for page in d.stream("export", _build_export, size=page_size):
         fingerprints = _fingerprints_of(d, [row[0] for row in page])
@@ -719,6 +736,7 @@ def iter_records_in_id_order(d: Driver, page_size: int = 1000) -> Iterator[Idemp
 __all__ = [
     "BULK_ROWS",
     "DEFAULT_PURGE_BATCH",
+    "MAX_PURGE_BATCH",
     "RECORD_COLUMNS",
     "Call",
     "Stats",

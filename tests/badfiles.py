@@ -93,6 +93,20 @@ def _outcome_case(**outcome: Any) -> bytes:
     return versioned(record).encode()
 
 
+def _nested(depth: int) -> str:
+    """Compact JSON nested ``depth`` containers deep (arrays and objects alternating)."""
+    return (
+        "".join("[" if i % 2 else '{"k":' for i in range(depth))
+        + "1"
+        + "".join("]" if i % 2 else "}" for i in reversed(range(depth)))
+    )
+
+
+def _details_case(details_text: str) -> bytes:
+    """An outcome whose details are the given JSON text, on line 23."""
+    return replace('"details": 0', '"details": ' + details_text, _outcome_case(details=0).decode())
+
+
 def _two_records_same_id() -> bytes:
     # The second "idem_a" key is on line 21 (the first record spans lines 4-20).
     text = BASE_TEXT
@@ -384,6 +398,58 @@ BAD_FILES: list[BadFile] = [
         "expected a string key",
         None,
         21,
+    ),
+    # The Rust parser's limits (serde_json, counted over the whole file): 128 levels of
+    # nesting; numbers beyond f64; details deeper than 123 (4 containers down in the file
+    # an export writes) are refused because the export would be unreadable.
+    BadFile(
+        "details_nested_124_levels",
+        _details_case(_nested(124)),
+        "nested more than 123 levels deep",
+        "outcome.details",
+        23,
+    ),
+    BadFile(
+        "ignored_field_nested_to_128_in_the_file",
+        replace('"conflict_count": 0', '"conflict_count": 0,\n      "x": ' + _nested(125)),
+        "recursion limit exceeded",
+        "x",
+        20,
+    ),
+    BadFile(
+        "top_level_field_nested_to_128",
+        b'{\n  "schema_version": 1,\n  "x": ' + _nested(127).encode() + b',\n  "records": {}\n}',
+        "recursion limit exceeded",
+        None,
+        3,
+    ),
+    BadFile(
+        "float_out_of_range_in_details",
+        _details_case('{"a": 1e400}'),
+        "number out of range",
+        "outcome.details.a",
+        23,
+    ),
+    BadFile(
+        "integer_out_of_range_in_details",
+        _details_case("[1" + "0" * 400 + "]"),
+        "number out of range",
+        "outcome.details[0]",
+        23,
+    ),
+    BadFile(
+        "integer_of_5000_digits",
+        _details_case("9" * 5000),
+        "number out of range",
+        "outcome.details",
+        23,
+    ),
+    BadFile(
+        "negative_zero_for_a_u64",
+        replace('"conflict_count": 0', '"conflict_count": -0'),
+        "invalid type: floating point `-0.0`, expected u64",
+        "conflict_count",
+        19,
     ),
     BadFile(
         "legacy_bad_record",
