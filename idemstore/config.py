@@ -15,7 +15,11 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import StaticPool
 
-from .dialects import DEFAULT_BUSY_TIMEOUT_MS, install_sqlite_listeners
+from .dialects import (
+    DEFAULT_BUSY_TIMEOUT_MS,
+    install_postgresql_listeners,
+    install_sqlite_listeners,
+)
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -114,15 +118,19 @@ def create_engine(
     On SQLite every connection gets WAL, ``busy_timeout``, ``foreign_keys=ON`` and
     ``synchronous`` (FULL by default, as durable as the JSON store it replaces, which fsyncs
     every write; NORMAL in WAL mode can lose the last commits on power loss, never corrupt).
-    SQLAlchemy transactions begin with ``BEGIN IMMEDIATE``. Other options go to
-    :func:`sqlalchemy.create_engine`.
+    SQLAlchemy transactions begin with ``BEGIN IMMEDIATE``. On PostgreSQL every connection
+    sets ``lock_timeout`` to ``busy_timeout_ms`` when it opens, so that a statement waits at
+    most that long for a row lock (then :class:`~idemstore.errors.LockTimeoutError`). Other
+    options go to :func:`sqlalchemy.create_engine`.
     """
     resolved = sync_url(url)
     if resolved.get_backend_name() == "sqlite":
         engine = sa.create_engine(resolved, **_sqlite_options(resolved, engine_options))
         _sqlite_events(engine, resolved, synchronous, busy_timeout_ms)
         return engine
-    return sa.create_engine(resolved, **engine_options)
+    engine = sa.create_engine(resolved, **engine_options)
+    install_postgresql_listeners(engine, busy_timeout_ms=busy_timeout_ms)
+    return engine
 
 
 def create_async_engine(
@@ -141,4 +149,6 @@ def create_async_engine(
         engine = sa_create_async_engine(resolved, **_sqlite_options(resolved, engine_options))
         _sqlite_events(engine.sync_engine, resolved, synchronous, busy_timeout_ms)
         return engine
-    return sa_create_async_engine(resolved, **engine_options)
+    engine = sa_create_async_engine(resolved, **engine_options)
+    install_postgresql_listeners(engine.sync_engine, busy_timeout_ms=busy_timeout_ms)
+    return engine
