@@ -16,21 +16,16 @@ On SQLite and PostgreSQL, sync and async:
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import gc
 import logging
 import random
 import signal
-import sqlite3
 import threading
 import time
-import uuid
-from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from typing import Any
 
-import psycopg
 import pytest
 import sqlalchemy as sa
 
@@ -43,314 +38,38 @@ from idemstore import (
     Outcome,
     Reserved,
     StoreClosedError,
-    TenantContext,
     create_async_engine,
     create_engine,
     ops,
 )
 
 from .conftest import BACKENDS, ENGINES, Database
+from .faults_support import (
+    CLOSE_ON,
+    FP,
+    OP,
+    OWNER,
+    PATIENCE,
+    ClosingConnection,
+    Harness,
+    Harnesses,
+    Observer,
+    RowLockHolder,
+    T,
+    sqlite_is_open,
+    write_contention,
+)
 
-T = TenantContext.explicit_user_workspace("org-f", "ws-f", None, "actor-f")
-OP = "faults.op"
-OWNER = "faults"
-FP = "sha256:faults"
+#: Rounds of the cancellation tests.
 ROUNDS = 200
-#: How long a test waits for something that takes milliseconds when all is well.
-PATIENCE = 10.0
-
-
-def wait_until(condition: Callable[[], Any], what: str, timeout: float = PATIENCE) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = condition()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
-class LoopThread:
-    """An event loop running on a thread of its own, so that the test thread may block (on a
-    row lock, on a terminated backend) while the async store works."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 60) -> Any:
-        return self.submit(coro).result(timeout)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join()
-        self.loop.close()
-
-
-class Observer:
-    """Another client of the same database: what everybody else sees. On PostgreSQL it also
-    reads ``pg_stat_activity`` and terminates backends."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-        self.pg: psycopg.Connection[Any] | None = None
-        self.sqlite: sqlite3.Connection | None = None
-        if db.schema is not None:
-            url = sa.make_url(db.url).set(drivername="postgresql")
-            self.pg = psycopg.connect(
-                url.render_as_string(hide_password=False),
-                autocommit=True,
-                options=f"-csearch_path={db.schema}",
-            )
-        else:
-            self.sqlite = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-
-    @property
-    def path(self) -> str:
-        database = sa.make_url(self.db.url).database
-        assert database is not None
-        return database
-
-    def keys(self, keys: list[str]) -> set[str]:
-        """Which of ``keys`` are committed."""
-        if self.pg is not None:
-            rows = self.pg.execute(
-                "SELECT key FROM idemstore_records WHERE operation = %s AND key = ANY(%s)",
-                (OP, keys),
-            ).fetchall()
-        else:
-            assert self.sqlite is not None
-            marks = ", ".join("?" * len(keys))
-            rows = self.sqlite.execute(
-                f"SELECT key FROM idemstore_records WHERE operation = ? AND key IN ({marks})",
-                (OP, *keys),
-            ).fetchall()
-        return {row[0] for row in rows}
-
-    def sessions(self, app_name: str) -> list[tuple[int, str, str | None, str]]:
-        """PostgreSQL: (pid, state, wait_event_type, query) of the sessions of ``app_name``."""
-        assert self.pg is not None
-        rows = self.pg.execute(
-            "SELECT pid, state, wait_event_type, query FROM pg_stat_activity "
-            "WHERE application_name = %s",
-            (app_name,),
-        ).fetchall()
-        return [(int(r[0]), str(r[1]), r[2], str(r[3])) for r in rows]
-
-    def waiting_on_a_lock(
-        self,
-        app_name: str,
-        pending: concurrent.futures.Future[Any],
-        *,
-        query: str = "",
-        other_than: int | None = None,
-    ) -> int:
-        """The pid of the session of ``app_name`` that waits on a lock (running ``query``)."""
-
-        def found() -> int | None:
-            if pending.done():  # it did not wait: show why
-                raise AssertionError(f"the call ended instead of waiting: {pending.result()!r}")
-            for pid, state, wait, text in self.sessions(app_name):
-                waiting = state == "active" and wait == "Lock" and pid != other_than
-                if waiting and query.lower() in text.lower():
-                    return pid
-            return None
-
-        return int(wait_until(found, f"a session of {app_name} waiting on a lock"))
-
-    def terminate(self, app_name: str) -> list[int]:
-        """Terminate every session of ``app_name``; return their pids once they are gone."""
-        pids = [pid for pid, *_ in self.sessions(app_name)]
-        for pid in pids:
-            self.terminate_pid(pid)
-        return pids
-
-    def terminate_pid(self, pid: int) -> None:
-        assert self.pg is not None
-        self.pg.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        wait_until(
-            lambda: (
-                not self.pg.execute(  # type: ignore[union-attr]
-                    "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)
-                ).fetchall()
-            ),
-            f"backend {pid} to end",
-        )
-
-    def write_lock_is_free(self) -> bool:
-        """SQLite: whether another connection can take the write lock at once."""
-        other = sqlite3.connect(self.path, timeout=0, isolation_level=None)
-        try:
-            other.execute("BEGIN IMMEDIATE")
-            other.execute("ROLLBACK")
-            return True
-        except sqlite3.OperationalError:
-            return False
-        finally:
-            other.close()
-
-    def close(self) -> None:
-        if self.pg is not None:
-            self.pg.close()
-        if self.sqlite is not None:
-            self.sqlite.close()
-
-
-@dataclass
-class Harness:
-    """A store on one backend, with what a test needs to watch and break it."""
-
-    backend: str
-    db: Database
-    store: Any
-    app_name: str
-    observer: Observer
-    #: SQLite: every DBAPI connection the store's engine opened.
-    dbapi_connections: list[sqlite3.Connection] = field(default_factory=list)
-    loop: LoopThread | None = None
-    pools: list[sa.pool.Pool] = field(default_factory=list)
-
-    @property
-    def is_async(self) -> bool:
-        return self.loop is not None
-
-    @property
-    def is_postgresql(self) -> bool:
-        return self.db.schema is not None
-
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        fn = getattr(self.store, method)
-        if self.loop is not None:
-            return self.loop.run(fn(*args, **kwargs))
-        return fn(*args, **kwargs)
-
-    def submit(self, method: str, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
-        """Start a call without waiting for it (sync store: on a thread of its own)."""
-        fn = getattr(self.store, method)
-        if self.loop is not None:
-            return self.loop.submit(fn(*args, **kwargs))
-        pool = concurrent.futures.ThreadPoolExecutor(1)
-        future = pool.submit(fn, *args, **kwargs)
-        pool.shutdown(wait=False)
-        return future
-
-    def reserve(self, key: str) -> Any:
-        return self.call("reserve", T, OP, key, OWNER, FP)
-
-    def reserve_at_once(self, keys: list[str]) -> list[Any]:
-        """Reserve ``keys`` concurrently, so that the pool opens several connections."""
-        if self.loop is not None:
-
-            async def together() -> list[Any]:
-                return list(
-                    await asyncio.gather(*(self.store.reserve(T, OP, k, OWNER, FP) for k in keys))
-                )
-
-            return list(self.loop.run(together()))
-        futures = [self.submit("reserve", T, OP, k, OWNER, FP) for k in keys]
-        return [f.result(PATIENCE) for f in futures]
-
-    def checked_out(self) -> int:
-        return sum(pool.checkedout() for pool in self.pools if hasattr(pool, "checkedout"))
-
-    def kill_connections(self) -> int:
-        """Kill the store's connections: PostgreSQL terminates its backends; SQLite (no
-        server) closes its DBAPI connections underneath it. How many."""
-        if self.is_postgresql:
-            return len(self.observer.terminate(self.app_name))
-        killed = 0
-        for conn in self.dbapi_connections:
-            if _sqlite_is_open(conn):
-                conn.close()
-                killed += 1
-        return killed
-
-    def assert_quiet(self) -> None:
-        """Nothing checked out, no session of the store in a transaction."""
-        wait_until(lambda: self.checked_out() == 0, "every connection back in the pool")
-        if self.is_postgresql:
-            states = [s[1] for s in self.observer.sessions(self.app_name)]
-            assert not [s for s in states if s.startswith("idle in transaction")], states
-        else:
-            assert self.observer.write_lock_is_free()
-            busy = [c for c in self.dbapi_connections if _sqlite_is_open(c) and c.in_transaction]
-            assert not busy, f"{len(busy)} connection(s) of the store are in a transaction"
-
-    def close(self) -> None:
-        self.call("close")
-
-
-def _sqlite_is_open(conn: sqlite3.Connection) -> bool:
-    try:
-        conn.total_changes  # noqa: B018 -- raises on a closed connection
-    except sqlite3.ProgrammingError:
-        return False
-    return True
 
 
 @pytest.fixture
 def open_harness(make_database: Callable[[str], Database]) -> Iterator[Callable[..., Harness]]:
     """Factory: ``open_harness(backend, **store_options)`` -> a migrated store on ``backend``."""
-    opened: list[Harness] = []
-
-    def open_(backend: str, **options: Any) -> Harness:
-        engine_name, flavour = backend.split("-")
-        db = make_database(engine_name)
-        app_name = f"idemstore-test-{uuid.uuid4().hex[:12]}"
-        loop = LoopThread() if flavour == "async" else None
-        connections: list[sqlite3.Connection] = []
-        store: Any
-        if engine_name == "postgresql":
-            if flavour == "sync":
-                connect_args: dict[str, Any] = {
-                    "options": f"-csearch_path={db.schema}",
-                    "application_name": app_name,
-                }
-                store = IdempotencyStore.from_url(db.url, connect_args=connect_args, **options)
-                pools = [store.engine.pool]
-                db.engines.append(store.engine)
-            else:
-                settings = {"search_path": db.schema, "application_name": app_name}
-                store = AsyncIdempotencyStore.from_url(
-                    db.url, connect_args={"server_settings": settings}, **options
-                )
-                pools = [store.engine.sync_engine.pool]
-                db.engines.append(store.engine.sync_engine)
-        else:
-            if flavour == "sync":
-                connect_args = options.pop("connect_args", {})
-                engine = create_engine(db.url, connect_args=connect_args, **options)
-                store = IdempotencyStore(
-                    engine,
-                    busy_timeout_ms=options.get("busy_timeout_ms"),
-                    dispose_engine=True,
-                )
-                sync_engine = engine
-            else:
-                store = AsyncIdempotencyStore.from_url(db.url, **options)
-                sync_engine = store._sync_engine
-                db.engines.append(store.engine.sync_engine)
-            sa.event.listen(sync_engine, "connect", lambda dbapi, _rec: connections.append(dbapi))
-            pools = [sync_engine.pool]
-            db.engines.append(sync_engine)
-        harness = Harness(backend, db, store, app_name, Observer(db), connections, loop, pools)
-        opened.append(harness)
-        harness.call("migrate")
-        return harness
-
-    yield open_
-    for harness in opened:
-        try:
-            harness.call("close")
-        finally:
-            harness.observer.close()
-            if harness.loop is not None:
-                harness.loop.stop()
+    harnesses = Harnesses(make_database)
+    yield harnesses.open
+    harnesses.close_all()
 
 
 # -- cancellation ------------------------------------------------------------------------------
@@ -425,41 +144,6 @@ def _interrupted_rounds_sync(h: Harness, rng: random.Random) -> int:
     return interrupted
 
 
-@contextlib.contextmanager
-def write_contention(path: str, seed: str) -> Iterator[None]:
-    """SQLite: another connection takes the write lock again and again for 0.3-1.5 ms, so
-    that the store's writes wait for it (milliseconds, as under load) and a cancellation after
-    0.1-3 ms lands anywhere in them: queued, waiting for the lock, between statements."""
-    stop = threading.Event()
-    rng = random.Random(seed)
-
-    def hog() -> None:
-        # The test's SIGALRM is for the main thread (as in a program whose other threads
-        # leave signals to it).
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
-        conn = sqlite3.connect(path, isolation_level=None, timeout=0)
-        try:
-            while not stop.is_set():
-                try:  # grab the lock the moment it is free (the store sleeps in its busy wait)
-                    conn.execute("BEGIN IMMEDIATE")
-                except sqlite3.OperationalError:
-                    time.sleep(5e-5)
-                    continue
-                time.sleep(rng.uniform(3e-4, 1.5e-3))
-                conn.execute("COMMIT")
-                time.sleep(rng.uniform(2e-4, 1e-3))
-        finally:
-            conn.close()
-
-    thread = threading.Thread(target=hog, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_cancelled_call_committed_or_left_nothing(
     backend: str, open_harness: Callable[..., Harness], caplog: pytest.LogCaptureFixture
@@ -502,6 +186,72 @@ def test_a_cancelled_call_committed_or_left_nothing(
     assert bad_resets == []
 
 
+@pytest.mark.parametrize("engine_name", ENGINES)
+def test_a_cancelled_call_in_the_callers_transaction_breaks_nothing(
+    engine_name: str, open_harness: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    """With ``connection=`` the transaction is the caller's: a call cancelled at a random point
+    is not shielded; the caller rolls back, and nothing of it stays, on the server or in the
+    caller's pool (the connection, cut in the middle of a round trip, is discarded)."""
+    h = open_harness(f"{engine_name}-async")
+    caller_app = f"{h.app_name}-caller"
+    if h.db.schema is not None:
+        settings = {"search_path": h.db.schema, "application_name": caller_app}
+        aengine = create_async_engine(h.db.url, connect_args={"server_settings": settings})
+    else:
+        aengine = create_async_engine(h.db.url)
+    h.db.engines.append(aengine.sync_engine)
+    rng = random.Random(f"caller-cancel-{engine_name}")
+    completed: list[str] = []
+
+    async def rounds() -> int:
+        loop = asyncio.get_running_loop()
+        reported: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, context: reported.append(context))
+        cancelled = 0
+        for i in range(ROUNDS // 2):
+            key = f"cancelled-{i}"
+            async with aengine.connect() as conn:
+                try:
+                    await asyncio.wait_for(
+                        h.store.reserve(T, OP, key, OWNER, FP, connection=conn),
+                        rng.uniform(1e-4, 3e-3),
+                    )
+                except TimeoutError:
+                    cancelled += 1
+                    await conn.rollback()
+                else:
+                    await conn.commit()
+                    completed.append(key)
+            async with aengine.begin() as conn:
+                acked = await h.store.reserve(T, OP, f"acked-{i}", OWNER, FP, connection=conn)
+                assert isinstance(acked, Reserved)
+            assert h.observer.keys([f"acked-{i}"]) == {f"acked-{i}"}, f"round {i}"
+        gc.collect()
+        await asyncio.sleep(0)
+        loop.set_exception_handler(None)
+        assert reported == []
+        assert aengine.sync_engine.pool.checkedout() == 0
+        if h.db.schema is not None:  # the caller's pooled sessions: none left in a transaction
+            states = [state for _, state, *_ in h.observer.sessions(caller_app)]
+            assert not [s for s in states if s.startswith("idle in transaction")], states
+        await aengine.dispose()
+        return cancelled
+
+    assert h.loop is not None
+    with contextlib.ExitStack() as stack:
+        if h.db.schema is None:
+            stack.enter_context(write_contention(h.observer.path, engine_name))
+        cancelled = h.loop.run(rounds(), timeout=120)
+    assert cancelled >= 10, f"only {cancelled} calls were cancelled: no proof"
+    # Exactly the calls whose caller committed are there.
+    all_cancelled = [f"cancelled-{i}" for i in range(ROUNDS // 2)]
+    assert h.observer.keys(all_cancelled) == set(completed)
+    if h.db.schema is None:
+        assert h.observer.write_lock_is_free()
+    assert [r for r in caplog.records if "never retrieved" in r.getMessage()] == []
+
+
 # -- lost connections --------------------------------------------------------------------------
 
 
@@ -523,23 +273,6 @@ def test_connections_lost_between_calls_cost_no_call(
     assert h.kill_connections() >= 1
     assert h.call("get", T, OP, "after-0") is not None
     h.assert_quiet()
-
-
-class RowLockHolder:
-    """Another session that has reserved ``key`` in a transaction it has not ended: a reserve
-    of the same key waits on its row lock."""
-
-    def __init__(self, db: Database, key: str) -> None:
-        self.engine = db.sync_engine(poolclass=sa.pool.NullPool)
-        self.connection = self.engine.connect()
-        IdempotencyStore(self.engine).reserve(T, OP, key, "holder", FP, connection=self.connection)
-        self._lock = threading.Lock()
-
-    def release(self) -> None:
-        with self._lock:
-            if not self.connection.closed:
-                self.connection.rollback()
-                self.connection.close()
 
 
 @pytest.mark.parametrize("flavour", ["sync", "async"])
@@ -643,34 +376,6 @@ def test_postgresql_connection_lost_in_the_callers_transaction(
     assert h.observer.keys(["tx-1", "tx-2", "tx-3"]) == {"tx-3"}
 
 
-_close_on: dict[str, str | None] = {"at": None}
-
-
-class ClosingCursor(sqlite3.Cursor):
-    """Closes its own connection just before the records upsert, when armed."""
-
-    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
-        if _close_on["at"] == "statement" and sql.lstrip().startswith("INSERT INTO idemstore_rec"):
-            _close_on["at"] = None
-            self.connection.close()
-        return super().execute(sql, parameters)
-
-
-class ClosingConnection(sqlite3.Connection):
-    """A sqlite3 connection that can be closed underneath the store in the middle of an
-    operation, on the thread that runs it. (Closing it from another thread while a statement
-    runs crashes CPython's sqlite3 module, so that is no test.)"""
-
-    def cursor(self, factory: Any = ClosingCursor) -> Any:  # type: ignore[override]
-        return super().cursor(factory)
-
-    def commit(self) -> None:
-        if _close_on["at"] == "commit":
-            _close_on["at"] = None
-            self.close()
-        super().commit()
-
-
 @pytest.mark.parametrize("flavour", ["sync", "async"])
 @pytest.mark.parametrize("at", ["statement", "commit"])
 def test_sqlite_connection_closed_during_a_call_is_retried(
@@ -682,13 +387,13 @@ def test_sqlite_connection_closed_during_a_call_is_retried(
     h = open_harness(f"sqlite-{flavour}", connect_args={"factory": ClosingConnection})
     assert isinstance(h.reserve("before"), Reserved)
     opened = len(h.dbapi_connections)
-    _close_on["at"] = at
+    CLOSE_ON["at"] = at
     try:
         assert isinstance(h.reserve("during"), Reserved)
     finally:
-        armed, _close_on["at"] = _close_on["at"], None
+        armed, CLOSE_ON["at"] = CLOSE_ON["at"], None
     assert armed is None, "the connection was not closed: no proof"
-    closed = [c for c in h.dbapi_connections if not _sqlite_is_open(c)]
+    closed = [c for c in h.dbapi_connections if not sqlite_is_open(c)]
     assert len(closed) == 1
     assert len(h.dbapi_connections) > opened  # a new one took its place
     assert h.observer.keys(["during"]) == {"during"}
@@ -871,3 +576,22 @@ def test_a_closed_store_raises_store_closed_error(
             await astore.engine.dispose()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("engine_name", ENGINES)
+def test_first_calls_at_once_migrate_once(
+    engine_name: str, make_database: Callable[[str], Database]
+) -> None:
+    """A store opened with migrate=True whose first calls come all at once: one migration,
+    every call answered (two Alembic upgrades interleaved on one event loop deadlock)."""
+    db = make_database(engine_name)
+
+    async def scenario() -> list[Any]:
+        store = db.async_store(migrate=True)
+        try:
+            calls = (store.reserve(T, OP, f"first-{i}", OWNER, FP) for i in range(8))
+            return list(await asyncio.wait_for(asyncio.gather(*calls), PATIENCE))
+        finally:
+            await store.close()
+
+    assert all(isinstance(r, Reserved) for r in asyncio.run(scenario()))
