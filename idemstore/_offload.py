@@ -44,17 +44,19 @@ def closed_error() -> StoreClosedError:
 
 class GreenletTasks:
     """Operations on ``engine`` (an AsyncEngine's ``sync_engine``) through the greenlet bridge,
-    each as a task of its own that the caller awaits through :func:`asyncio.shield`.
+    each as a task of its own, which a cancelled caller stops waiting for but does not cut.
 
     Why a task: a ``CancelledError`` thrown into a greenlet in the middle of a driver call
     leaves the driver half-way (asyncpg: a ``BEGIN`` sent whose transaction the adapter never
     recorded, so that every later statement ran in a savepoint of a transaction nobody
-    committed). The caller may go; the round trip may not be cut.
+    committed). The caller may go; the round trip may not be cut. (``asyncio.shield`` would do
+    the same with one more loop iteration per operation: the task settles the caller's future
+    itself.)
     """
 
     def __init__(self, engine: sa.Engine) -> None:
         self._engine = engine
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -62,25 +64,43 @@ class GreenletTasks:
         the caller."""
         if self._closed:
             raise closed_error()
-        task: asyncio.Task[T] = asyncio.ensure_future(greenlet_spawn(fn, *args))
+        result: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(_settle_with(result, fn, args))
         self._tasks.add(task)
-        task.add_done_callback(self._settled)
-        return await asyncio.shield(task)
+        task.add_done_callback(self._tasks.discard)
+        return await result
 
     async def run_call(self, call: ops.Call[T], busy_timeout_ms: int | None) -> T:
         """An operation in a transaction of its own."""
         return await self.run(run_owned, self._engine, call, busy_timeout_ms)
-
-    def _settled(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: a caller that went away does not want it logged
 
     async def aclose(self) -> None:
         """Refuse new work; wait (without blocking the loop) for the operations in flight."""
         self._closed = True
         while self._tasks:
             await asyncio.wait(set(self._tasks))
+
+
+async def _settle_with(
+    result: asyncio.Future[T], fn: Callable[..., T], args: tuple[Any, ...]
+) -> None:
+    """Run ``fn(*args)`` on the greenlet bridge to its end and hand its outcome to ``result``,
+    unless the caller has gone (``result`` cancelled): then nothing is set on it, and nothing
+    is left unretrieved. The task itself ends without an error (unless the loop cancels it,
+    at shutdown, or a KeyboardInterrupt goes through it)."""
+    try:
+        value = await greenlet_spawn(fn, *args)
+    except BaseException as error:
+        if not result.done():
+            if isinstance(error, asyncio.CancelledError):
+                result.cancel()
+            else:
+                result.set_exception(error)
+        if not isinstance(error, Exception):  # CancelledError, KeyboardInterrupt: the loop's to see
+            raise
+    else:
+        if not result.done():
+            result.set_result(value)
 
 
 class _HeldConnection(ConnectionSource):

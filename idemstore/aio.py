@@ -13,6 +13,7 @@ It runs the very functions the sync store runs (:mod:`idemstore.ops` through
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar
 
@@ -70,8 +71,9 @@ class AsyncIdempotencyStore:
         """Use ``engine``. On SQLite, ``offload="thread"`` (the default) runs operations on a
         stdlib-driver engine of the same file with ``synchronous``/``busy_timeout_ms`` and
         ``connect_args`` (for :func:`sqlite3.connect`); ``"greenlet"`` runs them on ``engine``
-        itself. On PostgreSQL ``busy_timeout_ms`` only feeds error messages: the lock timeout
-        is the engine's (see :func:`idemstore.create_async_engine`).
+        itself. On PostgreSQL the lock timeout is the engine's (``lock_timeout``: set by
+        :func:`idemstore.create_async_engine`, not by an engine built otherwise; see
+        :class:`~idemstore.IdempotencyStore`).
 
         Raises :class:`~idemstore.ConfigurationError` for an offload the engine cannot use."""
         self._engine = engine
@@ -79,6 +81,7 @@ class AsyncIdempotencyStore:
         self._dispose_engine = dispose_engine
         self._gate = SchemaGate()
         self._migrate_on_open = False
+        self._migrating = asyncio.Lock()
         self._closed = False
         is_sqlite = engine.dialect.name == "sqlite"
         if offload == "auto":
@@ -148,10 +151,12 @@ class AsyncIdempotencyStore:
 
     async def migrate(self) -> None:
         """Upgrade the database to the schema this version needs (``alembic upgrade head``).
+        Calls at once on one store run one after the other.
 
         Raises :class:`~idemstore.StoreClosedError` after :meth:`close`."""
         self._check_open()
-        await self._offload.run(migrate_engine, self._sync_engine)
+        async with self._migrating:
+            await self._offload.run(migrate_engine, self._sync_engine)
         self._gate.mark_ready()
 
     async def check_schema(self) -> None:
@@ -161,7 +166,13 @@ class AsyncIdempotencyStore:
         if self._gate.ready:
             return
         if self._migrate_on_open:
-            await self.migrate()
+            # The first calls of a store opened with migrate=True all get here: one migrates.
+            # (Alembic's context is process-global: two upgrades interleaved on the greenlet
+            # bridge ran each other's statements, and deadlocked.)
+            async with self._migrating:
+                if not self._gate.ready:
+                    await self._offload.run(migrate_engine, self._sync_engine)
+                    self._gate.mark_ready()
             return
         await self._offload.run(self._gate.check, self._sync_engine, self._busy_timeout_ms)
 

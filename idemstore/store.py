@@ -52,9 +52,12 @@ class IdempotencyStore:
         busy_timeout_ms: int | None = None,
         dispose_engine: bool = False,
     ) -> None:
-        """Use ``engine`` (build it with :func:`idemstore.create_engine` for idemstore's SQLite
-        settings). ``busy_timeout_ms`` only feeds error messages; ``dispose_engine`` makes
-        :meth:`close` dispose it."""
+        """Use ``engine``. Build it with :func:`idemstore.create_engine` for idemstore's
+        settings: SQLite's pragmas and ``BEGIN IMMEDIATE``, PostgreSQL's ``lock_timeout``. An
+        engine built otherwise keeps its own: on PostgreSQL without a ``lock_timeout`` (e.g.
+        ``connect_args={"options": "-c lock_timeout=5000"}``) a reserve waits for another
+        session's row lock for as long as that session holds it. ``busy_timeout_ms`` only feeds
+        error messages; ``dispose_engine`` makes :meth:`close` dispose it."""
         self._engine = engine
         self._busy_timeout_ms = busy_timeout_ms
         self._dispose_engine = dispose_engine
@@ -73,7 +76,14 @@ class IdempotencyStore:
     ) -> IdempotencyStore:
         """Open the store at ``url`` (else ``$IDEMSTORE_DATABASE_URL``, else
         ``sqlite:///idemstore.db``). ``migrate=True`` upgrades the schema to head first;
-        ``synchronous`` is SQLite's durability setting (FULL, NORMAL, OFF, EXTRA)."""
+        ``synchronous`` is SQLite's durability setting (FULL, NORMAL, OFF, EXTRA);
+        ``busy_timeout_ms`` bounds a wait for a lock: SQLite's busy timeout on the write lock,
+        PostgreSQL's ``lock_timeout`` on a row lock (0 gives up at once on both); then
+        :class:`~idemstore.LockTimeoutError`. ``engine_options`` go to
+        :func:`idemstore.create_engine`.
+
+        Raises :class:`~idemstore.ConfigurationError` for a URL or option that cannot be
+        used."""
         engine = create_engine(
             url, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, **engine_options
         )
