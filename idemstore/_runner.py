@@ -20,6 +20,7 @@ from .config import safe_url
 from .dialects import (
     Driver,
     committed_nothing_when_lost,
+    interrupt_spoils_connection,
     is_disconnect,
     is_lock_timeout,
     is_nul_in_text,
@@ -109,8 +110,9 @@ def run_owned(
     was idle in the pool, plus one new; then :class:`ConnectionLostError` with
     ``may_have_committed=False``). Lost during ``COMMIT``, or after an earlier batch of a long
     operation committed: :class:`ConnectionLostError` with ``may_have_committed=True``. An exit
-    exception (``KeyboardInterrupt``, ``CancelledError``) discards the connection too: a round
-    trip cut in the middle leaves the driver in no state to reuse.
+    exception (``KeyboardInterrupt``, ``CancelledError``) discards a PostgreSQL connection too:
+    a round trip cut in the middle leaves the driver in no state to reuse (a SQLite one is
+    rolled back and given back).
     """
     source = source if source is not None else ConnectionSource(engine)
     dialect = engine.dialect
@@ -152,7 +154,10 @@ def run_owned(
                 lease.release(clean=True)
                 return result
             except BaseException as error:
-                lease.discard(error)
+                if interrupt_spoils_connection(dialect):
+                    lease.discard(error)
+                else:
+                    lease.release(clean=False)  # the pool's reset rolls it back
                 raise
 
 
@@ -238,8 +243,8 @@ def run_in_caller(
 
     If the connection is lost, the caller's transaction is gone: :class:`ConnectionLostError`
     (``may_have_committed=False``), and the caller's ``Connection`` is invalidated as SQLAlchemy
-    does it (also on an exit exception such as ``CancelledError`` in the middle of a statement):
-    roll back, then go on, on a new connection.
+    does it (on PostgreSQL also after an exit exception such as ``CancelledError`` in the middle
+    of a statement): roll back, then go on, on a new connection.
     """
     conn = sync_connection(connection)
     with translated_errors(conn.dialect, busy_timeout_ms):
@@ -259,7 +264,8 @@ def run_in_caller(
                 may_have_committed=False,
             ) from error
         except BaseException as error:
-            conn.invalidate(error)
+            if interrupt_spoils_connection(conn.dialect):
+                conn.invalidate(error)
             raise
         finally:
             _close_quietly(driver)

@@ -413,6 +413,15 @@ def is_disconnect(dialect: Dialect, error: BaseException, dbapi_connection: Any)
     return state is not None and (state.startswith("08") or state in _PG_SESSION_ENDED)
 
 
+def interrupt_spoils_connection(dialect: Dialect) -> bool:
+    """Whether an exit exception (``KeyboardInterrupt``, ``CancelledError``) in the middle of an
+    operation can leave the connection unusable: a network driver's protocol state may be cut
+    half-way (asyncpg, psycopg), so the connection is discarded. SQLite's calls run whole (a
+    signal is handled between them), so its connection only needs the rollback that giving it
+    back does, and a ``:memory:`` database is not thrown away with it."""
+    return not is_sqlite(dialect)
+
+
 def committed_nothing_when_lost(dialect: Dialect) -> bool:
     """Whether a connection lost even during COMMIT cannot have committed. SQLite: a closed
     connection refuses the COMMIT before running it, and closing rolled the transaction back.

@@ -34,6 +34,59 @@ FP = "sha256:faults"
 PATIENCE = 10.0
 
 
+class Interrupter:
+    """Interrupts a synchronous call as Ctrl-C does: a real SIGALRM after a random delay, whose
+    handler raises KeyboardInterrupt wherever the main thread is (idemstore's code, the
+    driver's, a wait on the server).
+
+    Except inside SQLAlchemy's pool (checkout, checkin, reset): an exception raised there is
+    SQLAlchemy's to survive, not idemstore's (it can lose the pool slot, or invalidate the
+    connection), so the handler lets that signal pass and the call ends normally."""
+
+    def __init__(self, rng: random.Random, low: float, high: float) -> None:
+        self.rng = rng
+        self.low = low
+        self.high = high
+        self.armed = False
+        self.previous: Any = None
+
+    def __enter__(self) -> Interrupter:
+        self.previous = signal.signal(signal.SIGALRM, self._on_alarm)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.armed = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, self.previous)
+
+    def _on_alarm(self, _signum: int, frame: Any) -> None:
+        if self.armed and not _in_sqlalchemy_pool(frame):
+            self.armed = False
+            raise KeyboardInterrupt
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> bool:
+        """``fn(*args)``, interrupted after the random delay; whether it was."""
+        try:
+            self.armed = True
+            signal.setitimer(signal.ITIMER_REAL, self.rng.uniform(self.low, self.high))
+            try:
+                fn(*args)
+            finally:
+                self.armed = False
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        except KeyboardInterrupt:
+            return True
+        return False
+
+
+def _in_sqlalchemy_pool(frame: Any) -> bool:
+    while frame is not None:
+        if str(frame.f_globals.get("__name__", "")).startswith("sqlalchemy.pool"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def wait_until(condition: Callable[[], Any], what: str, timeout: float = PATIENCE) -> Any:
     deadline = time.monotonic() + timeout
     while True:
