@@ -327,6 +327,7 @@ def write_contention(path: str, seed: str) -> Iterator[None]:
     0.1-3 ms lands anywhere in them: queued, waiting for the lock, between statements."""
     stop = threading.Event()
     rng = random.Random(seed)
+    failed: list[BaseException] = []
 
     def hog() -> None:
         # The test's SIGALRM is for the main thread (as in a program whose other threads
@@ -343,6 +344,8 @@ def write_contention(path: str, seed: str) -> Iterator[None]:
                 time.sleep(rng.uniform(3e-4, 1.5e-3))
                 conn.execute("COMMIT")
                 time.sleep(rng.uniform(2e-4, 1e-3))
+        except BaseException as error:
+            failed.append(error)
         finally:
             conn.close()
 
@@ -353,6 +356,8 @@ def write_contention(path: str, seed: str) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
+    if failed:  # the contention stopped half-way: say so rather than pass on less of it
+        raise failed[0]
 
 
 class RowLockHolder:
