@@ -14,11 +14,13 @@ if TYPE_CHECKING:
     from .config import create_async_engine, create_engine
     from .errors import (
         ConfigurationError,
+        ConnectionLostError,
         FileFormatError,
         IdemstoreError,
         InvalidInputError,
         LockTimeoutError,
         SchemaNotReadyError,
+        StoreClosedError,
     )
     from .ids import idempotency_fingerprint, idempotency_record_id
     from .importer import (
@@ -50,11 +52,13 @@ _SOURCES: dict[str, str] = {
     "create_async_engine": "config",
     "create_engine": "config",
     "ConfigurationError": "errors",
+    "ConnectionLostError": "errors",
     "FileFormatError": "errors",
     "IdemstoreError": "errors",
     "InvalidInputError": "errors",
     "LockTimeoutError": "errors",
     "SchemaNotReadyError": "errors",
+    "StoreClosedError": "errors",
     "idempotency_fingerprint": "ids",
     "idempotency_record_id": "ids",
     "ImportReport": "importer",
@@ -79,6 +83,7 @@ __all__ = [
     "AsyncIdempotencyStore",
     "ConfigurationError",
     "Conflict",
+    "ConnectionLostError",
     "Duplicate",
     "FileFormatError",
     "IdempotencyRecord",
@@ -93,6 +98,7 @@ __all__ = [
     "Reserved",
     "SchemaNotReadyError",
     "Stats",
+    "StoreClosedError",
     "TenantContext",
     "TenantSource",
     "create_async_engine",

@@ -1,37 +1,29 @@
 """The asyncio store: :class:`AsyncIdempotencyStore`.
 
 It runs the very functions the sync store runs (:mod:`idemstore.ops` through
-:mod:`idemstore._runner`), one hop per operation:
+:mod:`idemstore._runner`), one hop per operation (:mod:`idemstore._offload`):
 
 - SQLite (``offload="thread"``, the default there): the whole operation runs on a worker
   thread with the stdlib driver. aiosqlite pays a thread hop per driver call (begin, execute,
   fetch, commit: four or more per reservation); this pays one.
 - PostgreSQL (``offload="greenlet"``): the operation runs on the AsyncEngine's own connection
-  through SQLAlchemy's greenlet bridge (the mechanism behind ``AsyncConnection.run_sync``).
+  through SQLAlchemy's greenlet bridge (the mechanism behind ``AsyncConnection.run_sync``), as
+  a task of its own that a cancelled caller does not interrupt.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import queue
-import threading
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any, Literal, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
-from sqlalchemy.util import greenlet_spawn
 
 from . import ops
-from ._runner import (
-    SchemaGate,
-    run_in_caller,
-    run_in_transaction,
-    run_owned,
-    translated_errors,
-)
+from ._offload import GreenletTasks, WorkerThreads, closed_error
+from ._runner import SchemaGate, run_in_caller
 from .config import DEFAULT_SYNCHRONOUS, create_async_engine, create_engine, is_memory_sqlite
 from .dialects import DEFAULT_BUSY_TIMEOUT_MS
 from .errors import ConfigurationError
@@ -46,118 +38,23 @@ Offload = Literal["auto", "thread", "greenlet"]
 DEFAULT_SQLITE_WORKERS = 4
 
 
-class _WorkerThreads:
-    """The SQLite offload's worker threads: one hop per operation.
-
-    Cheaper than ``loop.run_in_executor`` on a ThreadPoolExecutor (measured on 2 cores: about
-    50 against 120 microseconds a hop): a plain queue in, ``call_soon_threadsafe`` out. Each
-    thread keeps one pooled connection of ``engine`` checked out while it lives (no pool
-    checkout per operation); it gives it back, to be reset by the pool, after any error and
-    when the threads stop.
-    """
-
-    def __init__(self, engine: sa.Engine, count: int, busy_timeout_ms: int | None) -> None:
-        self._engine = engine
-        self._busy_timeout_ms = busy_timeout_ms
-        self._count = count
-        self._queue: queue.SimpleQueue[_WorkItem | None] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def submit(self, fn: Callable[..., T], args: tuple[Any, ...]) -> asyncio.Future[T]:
-        """Run ``fn(*args)`` on a worker thread; a future of the event loop for its result."""
-        if not self._threads:
-            self._start()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._queue.put((fn, args, loop, future))
-        return future
-
-    def run_call(self, call: ops.Call[T]) -> T:
-        """Run an operation on this worker thread's connection (called on the thread)."""
-        local = self._local
-        pooled = getattr(local, "pooled", None)
-        if pooled is None:
-            pooled = local.pooled = self._engine.raw_connection()
-        try:
-            with translated_errors(self._engine.dialect, self._busy_timeout_ms):
-                return run_in_transaction(pooled.dbapi_connection, self._engine.dialect, call)
-        except BaseException:
-            local.pooled = None
-            pooled.close()
-            raise
-
-    def _start(self) -> None:
-        with self._lock:
-            if self._threads:
-                return
-            if self._closed:
-                raise RuntimeError("the store is closed")
-            self._local = threading.local()
-            for n in range(self._count):
-                thread = threading.Thread(target=self._work, name=f"idemstore-{n}", daemon=True)
-                thread.start()
-                self._threads.append(thread)
-
-    def _work(self) -> None:
-        try:
-            while (item := self._queue.get()) is not None:
-                fn, args, loop, future = item
-                if future.cancelled():
-                    continue
-                try:
-                    result = fn(*args)
-                except BaseException as error:
-                    _deliver(loop, future, None, error)
-                else:
-                    _deliver(loop, future, result, None)
-                del item, fn, args, future
-        finally:
-            pooled = getattr(self._local, "pooled", None)
-            if pooled is not None:
-                self._local.pooled = None
-                pooled.close()
-
-    def shutdown(self) -> None:
-        """Stop the threads (after the work queued so far) and give their connections back."""
-        with self._lock:
-            self._closed = True
-            threads, self._threads = self._threads, []
-        for _ in threads:
-            self._queue.put(None)
-        for thread in threads:
-            thread.join()
-
-
-_WorkItem = tuple[
-    Callable[..., Any], tuple[Any, ...], asyncio.AbstractEventLoop, "asyncio.Future[Any]"
-]
-
-
-def _deliver(
-    loop: asyncio.AbstractEventLoop,
-    future: asyncio.Future[Any],
-    result: Any,
-    error: BaseException | None,
-) -> None:
-    def settle() -> None:
-        if future.cancelled():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-        loop.call_soon_threadsafe(settle)
-
-
 class AsyncIdempotencyStore:
     """Idempotency keys in a SQL database, for asyncio.
 
     Same methods as :class:`~idemstore.IdempotencyStore`, as coroutines. ``connection=`` takes
     an ``AsyncConnection`` or ``AsyncSession`` and runs inside the caller's transaction.
+
+    Cancellation: a call in the store's own transaction that is cancelled (a timeout, a client
+    gone) raises ``CancelledError`` at once, but its operation is not cut in the middle: it
+    commits or rolls back, and its connection goes back to the pool clean (or it had not
+    started and never runs). So a cancelled call committed or left nothing; only a returned
+    result is an acknowledgement. With ``connection=`` the transaction is the caller's: a
+    cancellation in the middle of a statement invalidates that connection, as SQLAlchemy does,
+    and the caller must roll back.
+
+    Lost connections: as :class:`~idemstore.IdempotencyStore` (a dead connection is discarded;
+    an operation that cannot have committed runs again on another; otherwise
+    :class:`~idemstore.ConnectionLostError`).
     """
 
     def __init__(
@@ -169,15 +66,23 @@ class AsyncIdempotencyStore:
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
         dispose_engine: bool = False,
         max_workers: int = DEFAULT_SQLITE_WORKERS,
+        connect_args: Mapping[str, Any] | None = None,
     ) -> None:
         """Use ``engine``. On SQLite, ``offload="thread"`` (the default) runs operations on a
-        stdlib-driver engine of the same file with ``synchronous``/``busy_timeout_ms``;
-        ``"greenlet"`` runs them on ``engine`` itself."""
+        stdlib-driver engine of the same file with ``synchronous``/``busy_timeout_ms`` and
+        ``connect_args`` (for :func:`sqlite3.connect`); ``"greenlet"`` runs them on ``engine``
+        itself. On PostgreSQL the lock timeout is the engine's (``lock_timeout``: set by
+        :func:`idemstore.create_async_engine`, not by an engine built otherwise; see
+        :class:`~idemstore.IdempotencyStore`).
+
+        Raises :class:`~idemstore.ConfigurationError` for an offload the engine cannot use."""
         self._engine = engine
         self._busy_timeout_ms: int | None = busy_timeout_ms
         self._dispose_engine = dispose_engine
         self._gate = SchemaGate()
         self._migrate_on_open = False
+        self._migrating = asyncio.Lock()
+        self._closed = False
         is_sqlite = engine.dialect.name == "sqlite"
         if offload == "auto":
             offload = "thread" if is_sqlite else "greenlet"
@@ -186,20 +91,22 @@ class AsyncIdempotencyStore:
         if offload not in ("thread", "greenlet"):
             raise ConfigurationError(f"offload must be auto, thread or greenlet, not {offload!r}")
         self.offload: Literal["thread", "greenlet"] = offload
-        self._workers: _WorkerThreads | None = None
         self._sync_engine: sa.Engine
+        self._offload: WorkerThreads | GreenletTasks
         if offload == "thread":
             self._sync_engine = create_engine(
-                engine.url, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms
+                engine.url,
+                synchronous=synchronous,
+                busy_timeout_ms=busy_timeout_ms,
+                connect_args=dict(connect_args or {}),
             )
-            self._workers = _WorkerThreads(
-                self._sync_engine,
-                1 if is_memory_sqlite(engine.url) else max_workers,
-                busy_timeout_ms,
+            self._offload = WorkerThreads(
+                self._sync_engine, 1 if is_memory_sqlite(engine.url) else max_workers
             )
         else:
             self._sync_engine = engine.sync_engine
-            if not is_sqlite:
+            self._offload = GreenletTasks(self._sync_engine)
+            if not is_sqlite:  # the engine's lock_timeout is not known (from_url knows it)
                 self._busy_timeout_ms = None
 
     @classmethod
@@ -214,7 +121,9 @@ class AsyncIdempotencyStore:
         **engine_options: Any,
     ) -> AsyncIdempotencyStore:
         """Open the store at ``url`` (see :meth:`IdempotencyStore.from_url`); with
-        ``migrate=True`` the schema is upgraded before the first operation."""
+        ``migrate=True`` the schema is upgraded before the first operation. ``engine_options``
+        go to :func:`idemstore.create_async_engine`; their ``connect_args`` also to the SQLite
+        worker threads' connections."""
         engine = create_async_engine(
             url, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, **engine_options
         )
@@ -224,41 +133,58 @@ class AsyncIdempotencyStore:
             synchronous=synchronous,
             busy_timeout_ms=busy_timeout_ms,
             dispose_engine=True,
+            connect_args=engine_options.get("connect_args"),
         )
         store._migrate_on_open = migrate
+        store._busy_timeout_ms = busy_timeout_ms
         return store
 
     @property
     def engine(self) -> AsyncEngine:
         return self._engine
 
-    async def _hop(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run the synchronous ``fn(*args)`` in one hop: a worker thread or the greenlet."""
-        if self._workers is not None:
-            return await self._workers.submit(fn, args)
-        return await greenlet_spawn(fn, *args)
+    def _check_open(self) -> None:
+        if self._closed:
+            raise closed_error()
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def migrate(self) -> None:
-        """Upgrade the database to the schema this version needs (``alembic upgrade head``)."""
-        await self._hop(migrate_engine, self._sync_engine)
+        """Upgrade the database to the schema this version needs (``alembic upgrade head``).
+        Calls at once on one store run one after the other.
+
+        Raises :class:`~idemstore.StoreClosedError` after :meth:`close`."""
+        self._check_open()
+        async with self._migrating:
+            await self._offload.run(migrate_engine, self._sync_engine)
         self._gate.mark_ready()
 
     async def check_schema(self) -> None:
-        """Raise :class:`SchemaNotReadyError` unless the database is at idemstore's head."""
+        """Raise :class:`SchemaNotReadyError` unless the database is at idemstore's head
+        (:class:`~idemstore.StoreClosedError` after :meth:`close`)."""
+        self._check_open()
         if self._gate.ready:
             return
         if self._migrate_on_open:
-            await self.migrate()
+            # The first calls of a store opened with migrate=True all get here: one migrates.
+            # (Alembic's context is process-global: two upgrades interleaved on the greenlet
+            # bridge ran each other's statements, and deadlocked.)
+            async with self._migrating:
+                if not self._gate.ready:
+                    await self._offload.run(migrate_engine, self._sync_engine)
+                    self._gate.mark_ready()
             return
-        await self._hop(self._gate.check, self._sync_engine, self._busy_timeout_ms)
+        await self._offload.run(self._gate.check, self._sync_engine, self._busy_timeout_ms)
 
     async def close(self) -> None:
-        """Stop the worker threads; dispose the engines this store created."""
-        if self._workers is not None:
-            self._workers.shutdown()
-            self._sync_engine.dispose()
+        """Close the store: later calls raise :class:`~idemstore.StoreClosedError`. Waits for
+        the operations already under way (each commits or rolls back) without blocking the
+        event loop, stops the worker threads and disposes the engines this store created.
+        Closing again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._offload.aclose()
         if self._dispose_engine:
             await self._engine.dispose()
 
@@ -269,12 +195,16 @@ class AsyncIdempotencyStore:
         await self.close()
 
     async def run(self, call: ops.Call[T], *, connection: AsyncConnectionLike | None = None) -> T:
-        """Run one prepared operation from :mod:`idemstore.ops`."""
+        """Run one prepared operation from :mod:`idemstore.ops`.
+
+        Raises :class:`~idemstore.StoreClosedError` after :meth:`close`,
+        :class:`~idemstore.LockTimeoutError` when a lock could not be had in time, and
+        :class:`~idemstore.ConnectionLostError` when the connection was lost and the operation
+        could not safely run again (see the class docstring)."""
+        self._check_open()
         await self.check_schema()
         if connection is None:
-            if self._workers is not None:
-                return await self._workers.submit(self._workers.run_call, (call,))
-            return await self._hop(run_owned, self._sync_engine, call, self._busy_timeout_ms)
+            return await self._offload.run_call(call, self._busy_timeout_ms)
         if isinstance(connection, AsyncConnection | AsyncSession):
             # Both hand run_in_caller their sync Connection / Session.
             return await connection.run_sync(run_in_caller, call, self._busy_timeout_ms)

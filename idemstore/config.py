@@ -21,7 +21,11 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import StaticPool
 
-from .dialects import DEFAULT_BUSY_TIMEOUT_MS, install_sqlite_listeners
+from .dialects import (
+    DEFAULT_BUSY_TIMEOUT_MS,
+    install_postgresql_listeners,
+    install_sqlite_listeners,
+)
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -268,8 +272,10 @@ def create_engine(
     On SQLite every connection gets WAL, ``busy_timeout``, ``foreign_keys=ON`` and
     ``synchronous`` (FULL by default, as durable as the JSON store it replaces, which fsyncs
     every write; NORMAL in WAL mode can lose the last commits on power loss, never corrupt).
-    SQLAlchemy transactions begin with ``BEGIN IMMEDIATE``. Other options go to
-    :func:`sqlalchemy.create_engine`.
+    SQLAlchemy transactions begin with ``BEGIN IMMEDIATE``. On PostgreSQL every connection
+    sets ``lock_timeout`` to ``busy_timeout_ms`` when it opens, so that a statement waits at
+    most that long for a row lock (then :class:`~idemstore.errors.LockTimeoutError`). Other
+    options go to :func:`sqlalchemy.create_engine`.
 
     ``read_only=True`` opens the database for reading only: a SQLite file through SQLite's
     ``mode=ro`` (a missing file is not created, the journal mode is left as it is, a write
@@ -288,6 +294,7 @@ def create_engine(
         engine = sa.create_engine(resolved, **engine_options)
     except ImportError as error:
         raise _driver_missing(resolved, error) from None
+    install_postgresql_listeners(engine, busy_timeout_ms=busy_timeout_ms)
     if read_only:
         _read_only_transactions(engine)
     return engine
@@ -317,6 +324,7 @@ def create_async_engine(
         engine = sa_create_async_engine(resolved, **engine_options)
     except ImportError as error:
         raise _driver_missing(resolved, error) from None
+    install_postgresql_listeners(engine.sync_engine, busy_timeout_ms=busy_timeout_ms)
     if read_only:
         _read_only_transactions(engine.sync_engine)
     return engine

@@ -140,7 +140,15 @@ class Driver:
     rolls back); False inside a caller's transaction (it never commits there).
     """
 
-    __slots__ = ("_cursor", "_sqlite", "dbapi", "dialect", "owns_transaction")
+    __slots__ = (
+        "_cursor",
+        "_sqlite",
+        "committed",
+        "committing",
+        "dbapi",
+        "dialect",
+        "owns_transaction",
+    )
 
     def __init__(self, dbapi: Any, dialect: Dialect, *, owns_transaction: bool) -> None:
         self.dbapi = dbapi
@@ -148,6 +156,10 @@ class Driver:
         self.owns_transaction = owns_transaction
         self._sqlite = is_sqlite(dialect)
         self._cursor: Any = None
+        #: A COMMIT is on its way: a connection lost now leaves the outcome unknown.
+        self.committing = False
+        #: A COMMIT went through (a batch of a long operation, :meth:`checkpoint`).
+        self.committed = False
 
     def execute(
         self, name: str, build: StatementBuilder, params: Mapping[str, Any] | None = None
@@ -321,7 +333,10 @@ class Driver:
         # psycopg and the asyncpg adapter begin implicitly on the first statement.
 
     def commit(self) -> None:
+        self.committing = True
         self.dbapi.commit()
+        self.committing = False
+        self.committed = True
 
     def rollback(self) -> None:
         self.dbapi.rollback()
@@ -354,9 +369,25 @@ def _sqlite_in_transaction(dbapi: Any) -> bool:
     return bool(dbapi._connection.in_transaction)
 
 
+#: PostgreSQL's ``lock_not_available``: ``lock_timeout`` ran out (or ``NOWAIT`` found a lock).
+PG_LOCK_NOT_AVAILABLE: Final = "55P03"
+#: SQLSTATEs of a session the server ended: admin_shutdown, crash_shutdown, cannot_connect_now
+#: (class 08, connection_exception, counts whole).
+_PG_SESSION_ENDED: Final = frozenset({"57P01", "57P02", "57P03"})
+
+
+def _sqlstate(error: BaseException) -> str | None:
+    # psycopg's errors and SQLAlchemy's asyncpg adapter errors both carry ``sqlstate``.
+    state = getattr(getattr(error, "orig", error), "sqlstate", None)
+    return state if isinstance(state, str) else None
+
+
 def is_lock_timeout(error: BaseException) -> bool:
-    """Whether a driver error means SQLite's busy timeout ran out on a lock."""
+    """Whether a driver error means a lock could not be had in time: SQLite's busy timeout,
+    PostgreSQL's ``lock_timeout`` (SQLSTATE 55P03)."""
     orig = getattr(error, "orig", error)
+    if _sqlstate(orig) == PG_LOCK_NOT_AVAILABLE:
+        return True
     if isinstance(orig, sqlite3.OperationalError) or type(orig).__name__ == "OperationalError":
         text = str(orig).lower()
         return (
@@ -367,6 +398,37 @@ def is_lock_timeout(error: BaseException) -> bool:
     return False
 
 
+def is_disconnect(dialect: Dialect, error: BaseException, dbapi_connection: Any) -> bool:
+    """Whether ``error``, raised on ``dbapi_connection``, means the connection is lost: the
+    dialect's own test (the one SQLAlchemy uses to invalidate), or a SQLSTATE that says so."""
+    # SQLAlchemy's wrapper holds the DBAPI error in .orig (and the asyncpg adapter's error
+    # holds asyncpg's own in .orig too: one level only).
+    orig = error.orig if isinstance(error, sa.exc.DBAPIError) else error
+    if not isinstance(orig, dialect.loaded_dbapi.Error):
+        return False
+    with contextlib.suppress(Exception):
+        if dialect.is_disconnect(orig, dbapi_connection, None):
+            return True
+    state = _sqlstate(orig)
+    return state is not None and (state.startswith("08") or state in _PG_SESSION_ENDED)
+
+
+def interrupt_spoils_connection(dialect: Dialect) -> bool:
+    """Whether an exit exception (``KeyboardInterrupt``, ``CancelledError``) in the middle of an
+    operation can leave the connection unusable: a network driver's protocol state may be cut
+    half-way (asyncpg, psycopg), so the connection is discarded. SQLite's calls run whole (a
+    signal is handled between them), so its connection only needs the rollback that giving it
+    back does, and a ``:memory:`` database is not thrown away with it."""
+    return not is_sqlite(dialect)
+
+
+def committed_nothing_when_lost(dialect: Dialect) -> bool:
+    """Whether a connection lost even during COMMIT cannot have committed. SQLite: a closed
+    connection refuses the COMMIT before running it, and closing rolled the transaction back.
+    A server may have committed before the session ended: unknown."""
+    return is_sqlite(dialect)
+
+
 def is_nul_in_text(error: BaseException) -> bool:
     """Whether PostgreSQL refused a NUL character in text (SQLite, like Rust, stores it)."""
     text = str(getattr(error, "orig", error))
@@ -374,10 +436,19 @@ def is_nul_in_text(error: BaseException) -> bool:
 
 
 def lock_timeout_error(error: BaseException, busy_timeout_ms: int | None) -> LockTimeoutError:
+    """The :class:`LockTimeoutError` for a lock timeout of either engine (``busy_timeout_ms``:
+    the timeout, when known, for the message)."""
+    orig = getattr(error, "orig", error)
+    if _sqlstate(orig) == PG_LOCK_NOT_AVAILABLE:
+        setting = f"lock_timeout={busy_timeout_ms} ms" if busy_timeout_ms is not None else ""
+        return LockTimeoutError(
+            f"PostgreSQL {setting or 'lock_timeout'} ran out: another session holds a lock "
+            f"this operation needs (the same key, in a transaction not yet ended); nothing was "
+            f"written, retry later ({orig})"
+        )
     within = f" within busy_timeout={busy_timeout_ms} ms" if busy_timeout_ms is not None else ""
     return LockTimeoutError(
-        f"SQLite database is locked: another connection held the write lock{within} "
-        f"({getattr(error, 'orig', error)})"
+        f"SQLite database is locked: another connection held the write lock{within} ({orig})"
     )
 
 
@@ -435,3 +506,31 @@ def install_sqlite_listeners(
     @sa.event.listens_for(engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+# -- PostgreSQL connection setup -----------------------------------------------------------
+
+
+def postgresql_lock_timeout(busy_timeout_ms: int) -> str:
+    """The ``SET lock_timeout`` every PostgreSQL connection of an idemstore engine runs when it
+    opens: a statement waits at most ``busy_timeout_ms`` for a lock (a row of the same key
+    that another transaction holds), as SQLite's busy timeout bounds its wait for the write
+    lock. 0 gives up at once as on SQLite (PostgreSQL's own 0 would mean no limit: 1 ms)."""
+    if busy_timeout_ms < 0:
+        raise ConfigurationError(f"busy_timeout_ms must be >= 0, not {busy_timeout_ms}")
+    return f"SET lock_timeout = {max(1, int(busy_timeout_ms))}"
+
+
+def install_postgresql_listeners(engine: sa.Engine, *, busy_timeout_ms: int) -> None:
+    """Set ``lock_timeout`` once per connection of ``engine`` when it opens (nothing per
+    operation). Works for psycopg and for the asyncpg adapter alike."""
+    statement = postgresql_lock_timeout(busy_timeout_ms)
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(statement)
+        finally:
+            cursor.close()
+        dbapi_connection.commit()  # a SET in a transaction that rolls back is undone

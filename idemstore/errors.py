@@ -19,6 +19,26 @@ class LockTimeoutError(IdemstoreError):
     """The database's write lock could not be had within the busy timeout."""
 
 
+class StoreClosedError(IdemstoreError):
+    """The store was closed (``close()``); open a new one to go on. Nothing was done."""
+
+
+class ConnectionLostError(IdemstoreError):
+    """The database connection was lost during an operation (the server ended the session,
+    the network dropped, the connection was closed underneath the store).
+
+    ``may_have_committed`` says whether the write can have reached the database: True when the
+    connection was lost while a ``COMMIT`` was on its way (or after an earlier batch of a long
+    operation had committed); False when nothing of it can have committed (lost before
+    ``COMMIT``, or inside the caller's own transaction, which is gone: roll it back). The message
+    says the same in words. The store's next call uses a fresh connection.
+    """
+
+    def __init__(self, message: str, *, may_have_committed: bool) -> None:
+        super().__init__(message)
+        self.may_have_committed = may_have_committed
+
+
 class SchemaNotReadyError(IdemstoreError):
     """The database schema is not at the revision this version of idemstore needs."""
 
@@ -56,9 +76,11 @@ class FileFormatError(IdemstoreError, ValueError):
 
 __all__ = [
     "ConfigurationError",
+    "ConnectionLostError",
     "FileFormatError",
     "IdemstoreError",
     "InvalidInputError",
     "LockTimeoutError",
     "SchemaNotReadyError",
+    "StoreClosedError",
 ]

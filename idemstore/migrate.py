@@ -130,15 +130,27 @@ def lock_for_migration(connection: sa.Connection) -> None:
     table; calling it again in the same transaction does nothing more.
 
     PostgreSQL: ``pg_advisory_xact_lock`` keyed on idemstore and the current schema (other
-    instances wait for this transaction to end). SQLite: the write lock, taken with
-    ``BEGIN IMMEDIATE`` unless the connection's transaction has begun at the driver already
-    (idemstore's engines begin every transaction that way).
+    instances wait for this transaction to end, however long it takes, whatever the
+    connection's ``lock_timeout``, which applies again to the DDL after). SQLite: the write
+    lock, taken with ``BEGIN IMMEDIATE`` unless the connection's transaction has begun at the
+    driver already (idemstore's engines begin every transaction that way).
     """
+    import sqlalchemy as sa
+
     dialect = connection.dialect.name
     if dialect == "postgresql":
+        # Another instance's migration may take longer than the connection's lock_timeout
+        # (idemstore's engines set it to busy_timeout_ms): wait for it without limit, then
+        # put the setting back for the DDL, which should not queue the app's traffic for long.
+        (previous,) = connection.exec_driver_sql("SHOW lock_timeout").one()
+        connection.exec_driver_sql("SELECT set_config('lock_timeout', '0', true)")
         connection.exec_driver_sql(
             f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY}, "
             "hashtext(coalesce(current_schema(), '')))"
+        )
+        connection.execute(
+            sa.text("SELECT set_config('lock_timeout', :previous, true)"),
+            {"previous": str(previous)},
         )
     elif dialect == "sqlite":
         driver_connection = connection.connection.driver_connection

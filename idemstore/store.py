@@ -12,7 +12,7 @@ from . import ops
 from ._runner import SchemaGate, run_in_caller, run_owned
 from .config import DEFAULT_SYNCHRONOUS, create_engine
 from .dialects import DEFAULT_BUSY_TIMEOUT_MS
-from .errors import ConfigurationError
+from .errors import ConfigurationError, StoreClosedError
 from .migrate import upgrade
 from .model import IdempotencyRecord, Outcome, Reservation, TenantContext
 
@@ -34,6 +34,15 @@ class IdempotencyStore:
     Every method runs in one transaction of its own, or, given ``connection=`` (a SQLAlchemy
     ``Connection`` or ``Session``), inside the caller's transaction, so that a key and the
     caller's own writes commit or roll back together.
+
+    Lost connections: a dead connection is discarded, never given back to the pool. An
+    operation in the store's own transaction whose connection was lost before ``COMMIT`` was
+    sent cannot have committed, so it runs again on another connection; lost during
+    ``COMMIT`` it raises :class:`~idemstore.ConnectionLostError` with
+    ``may_have_committed=True``. Inside the caller's transaction a lost connection raises
+    :class:`~idemstore.ConnectionLostError` (``may_have_committed=False``: the transaction is
+    gone; roll back and run it again). An interrupt (``KeyboardInterrupt``) in the middle of an
+    operation discards its connection too.
     """
 
     def __init__(
@@ -43,13 +52,17 @@ class IdempotencyStore:
         busy_timeout_ms: int | None = None,
         dispose_engine: bool = False,
     ) -> None:
-        """Use ``engine`` (build it with :func:`idemstore.create_engine` for idemstore's SQLite
-        settings). ``busy_timeout_ms`` only feeds error messages; ``dispose_engine`` makes
-        :meth:`close` dispose it."""
+        """Use ``engine``. Build it with :func:`idemstore.create_engine` for idemstore's
+        settings: SQLite's pragmas and ``BEGIN IMMEDIATE``, PostgreSQL's ``lock_timeout``. An
+        engine built otherwise keeps its own: on PostgreSQL without a ``lock_timeout`` (e.g.
+        ``connect_args={"options": "-c lock_timeout=5000"}``) a reserve waits for another
+        session's row lock for as long as that session holds it. ``busy_timeout_ms`` only feeds
+        error messages; ``dispose_engine`` makes :meth:`close` dispose it."""
         self._engine = engine
         self._busy_timeout_ms = busy_timeout_ms
         self._dispose_engine = dispose_engine
         self._gate = SchemaGate()
+        self._closed = False
 
     @classmethod
     def from_url(
@@ -66,7 +79,14 @@ class IdempotencyStore:
         ``sqlite:///idemstore.db``). ``migrate=True`` upgrades the schema to head first;
         ``synchronous`` is SQLite's durability setting (FULL, NORMAL, OFF, EXTRA);
         ``read_only=True`` opens the database for reading only (see
-        :func:`idemstore.create_engine`): no file is created, nothing is written."""
+        :func:`idemstore.create_engine`): no file is created, nothing is written.
+        ``busy_timeout_ms`` bounds a wait for a lock: SQLite's busy timeout on the write lock,
+        PostgreSQL's ``lock_timeout`` on a row lock (0 gives up at once on both); then
+        :class:`~idemstore.LockTimeoutError`. ``engine_options`` go to
+        :func:`idemstore.create_engine`.
+
+        Raises :class:`~idemstore.ConfigurationError` for a URL or option that cannot be
+        used."""
         if migrate and read_only:
             raise ConfigurationError("migrate=True writes the schema: open without read_only")
         engine = create_engine(
@@ -91,17 +111,30 @@ class IdempotencyStore:
 
     # -- lifecycle ------------------------------------------------------------------------
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError("the store is closed: open a new one (close() was called)")
+
     def migrate(self) -> None:
-        """Upgrade the database to the schema this version needs (``alembic upgrade head``)."""
+        """Upgrade the database to the schema this version needs (``alembic upgrade head``).
+
+        Raises :class:`~idemstore.StoreClosedError` after :meth:`close`."""
+        self._check_open()
         migrate_engine(self._engine)
         self._gate.mark_ready()
 
     def check_schema(self) -> None:
-        """Raise :class:`SchemaNotReadyError` unless the database is at idemstore's head."""
+        """Raise :class:`SchemaNotReadyError` unless the database is at idemstore's head
+        (:class:`~idemstore.StoreClosedError` after :meth:`close`)."""
+        self._check_open()
         self._gate.check(self._engine, self._busy_timeout_ms)
 
     def close(self) -> None:
-        """Dispose the engine if this store created it."""
+        """Close the store: later calls raise :class:`~idemstore.StoreClosedError`. Disposes
+        the engine if this store created it. Closing again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         if self._dispose_engine:
             self._engine.dispose()
 
@@ -117,7 +150,12 @@ class IdempotencyStore:
         self.close()
 
     def run(self, call: ops.Call[T], *, connection: SyncConnectionLike | None = None) -> T:
-        """Run one prepared operation from :mod:`idemstore.ops`."""
+        """Run one prepared operation from :mod:`idemstore.ops`.
+
+        Raises :class:`~idemstore.StoreClosedError` after :meth:`close`,
+        :class:`~idemstore.LockTimeoutError` when a lock could not be had in time, and
+        :class:`~idemstore.ConnectionLostError` when the connection was lost and the operation
+        could not safely run again (see the class docstring)."""
         self.check_schema()
         if connection is not None:
             return run_in_caller(connection, call, self._busy_timeout_ms)

@@ -14,6 +14,8 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -199,6 +201,36 @@ def test_many_instances_migrate_a_fresh_postgresql_database_at_once(scratch_post
         _assert_migrated_once(url, _migrate_at_once(url))
 
 
+def test_a_migration_waits_for_another_longer_than_the_lock_timeout(make_database):
+    """The advisory lock is waited for without limit (another instance's upgrade may take
+    longer than busy_timeout_ms); the store's lock_timeout applies again afterwards."""
+    db = make_database("postgresql")
+    holder = db.sync_engine(poolclass=NullPool)
+    with holder.connect() as conn:
+        conn.exec_driver_sql(
+            f"SELECT pg_advisory_xact_lock({idem_migrate.MIGRATION_LOCK_KEY}, "
+            "hashtext(coalesce(current_schema(), '')))"
+        )
+        migrator = db.sync_store(migrate=False, busy_timeout_ms=200)
+        finished: list[float] = []
+
+        def migrate() -> None:
+            migrator.migrate()
+            finished.append(time.monotonic())
+
+        thread = threading.Thread(target=migrate)
+        thread.start()
+        time.sleep(1.0)  # five lock timeouts
+        assert thread.is_alive() and not finished, "the migration did not wait for the lock"
+        released = time.monotonic()
+        conn.rollback()
+    thread.join(30)
+    assert finished and finished[0] >= released
+    with migrator.engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW lock_timeout").scalar_one() == "200ms"
+    migrator.close()
+
+
 def test_many_instances_migrate_a_fresh_sqlite_file_at_once(tmp_path):
     for n in range(ROUNDS):
         path = tmp_path / f"round{n}" / "idemstore.db"
@@ -308,6 +340,8 @@ def test_refusing_a_newer_revision_does_not_import_alembic(tmp_path):
     conn.close()
     code = f"""
 import sys
+import threading
+import time
 from idemstore import IdempotencyStore, SchemaNotReadyError
 with IdempotencyStore.from_url({url!r}) as store:
     try:
