@@ -68,6 +68,7 @@ RECORD_COLUMNS: Final = (
     "outcome_secondary_ref_id",
     "outcome_details",
     "conflict_count",
+    "record_id_field",
     "reservation_token",
 )
 #: Columns holding a Rust ``u64``, stored shifted (:func:`encode_u64`).
@@ -128,6 +129,7 @@ def make_row(
     outcome_secondary_ref_id: str | None,
     outcome_details: str | None,
     conflict_count: int,
+    record_id_field: str | None,
     reservation_token: int,
 ) -> Row:
     """A row from its values as the record holds them (u64 values as they are, details as
@@ -158,6 +160,7 @@ def make_row(
         outcome_secondary_ref_id,
         outcome_details,
         conflict_count - U64_SHIFT,
+        record_id_field,
         reservation_token,
     )
 
@@ -205,11 +208,19 @@ def stored_outcome(outcome: Outcome | None) -> dict[str, Any]:
     return dict(zip(OUTCOME_COLUMNS, stored, strict=True))
 
 
+def field_of(key: str, record_id: str) -> str | None:
+    """The ``record_id_field`` column of a record stored under ``key`` whose own
+    ``record_id`` field is ``record_id``: NULL when they are equal (every record the store
+    writes itself), else the field as the file had it."""
+    return None if record_id == key else record_id
+
+
 def full_row(record: IdempotencyRecord, token: int, key: str | None = None) -> Row:
     """A record's whole row with its reservation ``token``, stored under ``key`` (default: its
-    own ``record_id``)."""
+    own ``record_id``; another key keeps the record's own field in ``record_id_field``)."""
+    key = record.record_id if key is None else key
     return make_row(
-        record.record_id if key is None else key,
+        key,
         record.schema_version,
         *tenant_values(record.tenant_context),
         record.operation,
@@ -224,6 +235,7 @@ def full_row(record: IdempotencyRecord, token: int, key: str | None = None) -> R
         # mypy (1.x) misaligns a fixed-length tuple unpacked after positional arguments
         *outcome_values(record.outcome),  # type: ignore[arg-type]
         record.conflict_count,
+        field_of(key, record.record_id),
         token,
     )
 
@@ -241,7 +253,9 @@ def content(row: Sequence[Any]) -> Row:
 
 def record_from_row(row: Sequence[Any], fingerprints: Sequence[str] = ()) -> IdempotencyRecord:
     """The :class:`IdempotencyRecord` of a row (in :data:`RECORD_COLUMNS` order, details as
-    text), with its conflict fingerprints in first-seen order."""
+    text), with its conflict fingerprints in first-seen order. Its ``record_id`` is the
+    record's own field, as the Rust store holds it: ``record_id_field`` where the row has one,
+    else the key it is stored under."""
     (
         record_id,
         schema_version,
@@ -267,6 +281,7 @@ def record_from_row(row: Sequence[Any], fingerprints: Sequence[str] = ()) -> Ide
         secondary_ref_id,
         details,
         conflict_count,
+        record_id_field,
         _token,
     ) = row
     outcome = None
@@ -282,7 +297,7 @@ def record_from_row(row: Sequence[Any], fingerprints: Sequence[str] = ()) -> Ide
         )
     return IdempotencyRecord(
         schema_version=int(schema_version),
-        record_id=record_id,
+        record_id=record_id if record_id_field is None else record_id_field,
         tenant_context=TenantContext(
             org_id, workspace_id, deployment_id, actor_id, TenantSource(tenant_source)
         ),
@@ -317,6 +332,7 @@ __all__ = [
     "content",
     "decode_u64",
     "encode_u64",
+    "field_of",
     "full_row",
     "make_row",
     "outcome_values",

@@ -18,7 +18,7 @@ from .codec import RECORD_COLUMNS, decode_u64, encode_u64
 #: Every Alembic revision this version of the package knows, oldest first: one line per
 #: script in ``migrations/versions`` (a test keeps them equal). Opening a store compares the
 #: version table with these, without loading Alembic.
-SCHEMA_REVISIONS: Final[tuple[str, ...]] = ("0001_initial",)
+SCHEMA_REVISIONS: Final[tuple[str, ...]] = ("0001_initial", "0002_record_id_field")
 #: The revision this version of the package needs: the head of ``migrations/``.
 SCHEMA_REVISION: Final = SCHEMA_REVISIONS[-1]
 #: Alembic's version table for idemstore, kept apart from a host app's ``alembic_version``.
@@ -79,6 +79,9 @@ records = sa.Table(
     # it to its own JSON, and importing that dialect here would cost every SQLite user.
     sa.Column("outcome_details", sa.Text().with_variant(sa.JSON(), "postgresql"), nullable=True),
     sa.Column("conflict_count", UInt64, nullable=False),
+    # The record's own record_id field where it is not its key (a record imported under
+    # another map key, or with an empty field); NULL otherwise (revision 0002).
+    sa.Column("record_id_field", sa.String, nullable=True),
     # Random per reservation: tells the caller whose upsert created the current generation,
     # so Reserved vs Duplicate is exact even within one millisecond.
     sa.Column("reservation_token", sa.BigInteger, nullable=False),

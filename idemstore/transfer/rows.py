@@ -39,6 +39,7 @@ from ..db.codec import (
     OutcomeColumns,
     Row,
     TenantColumns,
+    field_of,
     make_row,
     record_row,
     tenant_values,
@@ -378,7 +379,7 @@ class Converter:
         # The codec builds the row (mypy misaligns the unpacked fixed-length tuples).
         row = make_row(
             map_key, sv, *tenant, op, key, owner, fp, status, first, last, event, expires,
-            *outcome, count, token,  # type: ignore[arg-type]
+            *outcome, count, field_of(map_key, rid), token,  # type: ignore[arg-type]
         )  # fmt: skip
         return row, fingerprints
 
