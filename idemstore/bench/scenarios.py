@@ -73,6 +73,45 @@ def seed_keys_of(store: IdempotencyStore, count: int) -> list[str]:
     return keys
 
 
+def _postgres_variants(
+    bare: BareSync,
+    bare_pg: BareAsyncpg,
+    conn: Any,
+    sync_store: IdempotencyStore,
+    async_store: AsyncIdempotencyStore,
+    seeds: Sequence[str],
+) -> list[Variant]:
+    """The ops section's variants on PostgreSQL: each store against its own bare driver."""
+    return [
+        Variant(
+            "bare psycopg",
+            None,
+            sync=lambda tag: workloads(bare.reserve, bare.complete, bare.get, seeds, tag),
+        ),
+        Variant(
+            "idemstore sync",
+            "bare psycopg",
+            sync=lambda tag: workloads(*store_sync(sync_store), seeds, tag),
+        ),
+        Variant(
+            "bare asyncpg",
+            None,
+            aio=lambda tag: workloads(
+                lambda k, fp: bare_pg.reserve(conn, k, fp),
+                lambda k: bare_pg.complete(conn, k),
+                lambda k: bare_pg.get(conn, k),
+                seeds,
+                tag,
+            ),
+        ),
+        Variant(
+            "idemstore async",
+            "bare asyncpg",
+            aio=lambda tag: workloads(*store_async(async_store), seeds, tag),
+        ),
+    ]
+
+
 def bench_ops(target: Target, settings: BenchSettings, result: BenchResult) -> None:
     url, schema = target.database("ops")
     loop = asyncio.new_event_loop()
@@ -130,35 +169,9 @@ def bench_ops(target: Target, settings: BenchSettings, result: BenchResult) -> N
                 asyncpg.connect(target.conninfo(), server_settings={"search_path": schema})
             )
             bare_pg = BareAsyncpg(async_store.engine.dialect)
-            conn = asyncpg_conn
-            variants += [
-                Variant(
-                    "bare psycopg",
-                    None,
-                    sync=lambda tag: workloads(bare.reserve, bare.complete, bare.get, seeds, tag),
-                ),
-                Variant(
-                    "idemstore sync",
-                    "bare psycopg",
-                    sync=lambda tag: workloads(*store_sync(sync_store), seeds, tag),
-                ),
-                Variant(
-                    "bare asyncpg",
-                    None,
-                    aio=lambda tag: workloads(
-                        lambda k, fp: bare_pg.reserve(conn, k, fp),
-                        lambda k: bare_pg.complete(conn, k),
-                        lambda k: bare_pg.get(conn, k),
-                        seeds,
-                        tag,
-                    ),
-                ),
-                Variant(
-                    "idemstore async",
-                    "bare asyncpg",
-                    aio=lambda tag: workloads(*store_async(async_store), seeds, tag),
-                ),
-            ]
+            variants += _postgres_variants(
+                bare, bare_pg, asyncpg_conn, sync_store, async_store, seeds
+            )
         if extra_store is not None:
             loop.run_until_complete(extra_store.check_schema())
         samples = run_rounds(variants, loop, settings, WORKLOADS, "ops")
@@ -267,6 +280,37 @@ def _clone_growth_database(
         conn.execute(f'INSERT INTO "{dest[1]}".{R.name} SELECT * FROM "{source[1]}".{R.name}')
 
 
+def _growth_ratio(
+    sizes: Sequence[int], by_size: dict[int, Figure], samples: dict[tuple[str, str], list[Sample]]
+) -> Figure:
+    """The reserve rate at the largest size as a ratio to the smallest (the growth target)."""
+    first, last = sizes[0], sizes[-1]
+    a, b = by_size[first], by_size[last]
+    ratio = Figure(
+        section="growth",
+        workload=f"reserve rate at {last} vs {first} records",
+        variant="idemstore sync",
+        ops=a.ops + b.ops,
+        seconds=a.seconds + b.seconds,
+        rate=b.rate,
+        trusted=a.trusted and b.trusted,
+    )
+    baseline = Figure(**{**asdict(a), "variant": f"idemstore sync at {first}"})
+    is_target = (first, last) == (GROWTH_SIZES[0], GROWTH_SIZES[-1])
+    set_ratio(
+        ratio,
+        baseline,
+        samples[("reserve (fresh)", f"idemstore sync @{last}")],
+        samples[("reserve (fresh)", f"idemstore sync @{first}")],
+        GROWTH_TARGET if is_target else None,
+    )
+    if not is_target:
+        ratio.notes.append(
+            f"the target ({GROWTH_TARGET}) is for 1M vs 10k records; run with --records 1000000"
+        )
+    return ratio
+
+
 def bench_growth(target: Target, settings: BenchSettings, result: BenchResult) -> dict[int, Figure]:
     """The sync store's reserve rate (and the bare driver's) at each size: one database per
     size (each a copy of the one before, topped up in bulk), all measured interleaved."""
@@ -332,31 +376,7 @@ def bench_growth(target: Target, settings: BenchSettings, result: BenchResult) -
         if name == "idemstore sync":
             by_size[int(size_text)] = figure
     if len(sizes) > 1:
-        first, last = sizes[0], sizes[-1]
-        a, b = by_size[first], by_size[last]
-        ratio = Figure(
-            section="growth",
-            workload=f"reserve rate at {last} vs {first} records",
-            variant="idemstore sync",
-            ops=a.ops + b.ops,
-            seconds=a.seconds + b.seconds,
-            rate=b.rate,
-            trusted=a.trusted and b.trusted,
-        )
-        baseline = Figure(**{**asdict(a), "variant": f"idemstore sync at {first}"})
-        is_target = (first, last) == (GROWTH_SIZES[0], GROWTH_SIZES[-1])
-        set_ratio(
-            ratio,
-            baseline,
-            samples[("reserve (fresh)", f"idemstore sync @{last}")],
-            samples[("reserve (fresh)", f"idemstore sync @{first}")],
-            GROWTH_TARGET if is_target else None,
-        )
-        if not is_target:
-            ratio.notes.append(
-                f"the target ({GROWTH_TARGET}) is for 1M vs 10k records; run with --records 1000000"
-            )
-        result.figures.append(ratio)
+        result.figures.append(_growth_ratio(sizes, by_size, samples))
     return by_size
 
 

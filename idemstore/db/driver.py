@@ -146,6 +146,7 @@ def _flat_bound(stmt: CompiledStatement, values: Sequence[Any]) -> Any:
 
 
 def is_sqlite(dialect: Dialect) -> bool:
+    """Whether ``dialect`` is SQLite's."""
     return dialect.name == "sqlite"
 
 
@@ -349,12 +350,14 @@ class Driver:
         # psycopg and the asyncpg adapter begin implicitly on the first statement.
 
     def commit(self) -> None:
+        """Commit; :attr:`committing` is True while the COMMIT is on its way."""
         self.committing = True
         self.dbapi.commit()
         self.committing = False
         self.committed = True
 
     def rollback(self) -> None:
+        """Roll the transaction back."""
         self.dbapi.rollback()
 
     def checkpoint(self) -> None:

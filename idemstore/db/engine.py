@@ -82,10 +82,12 @@ def _with_driver(url: URL, drivers: dict[str, str], kind: str) -> URL:
 
 
 def sync_url(url: str | URL | None = None) -> URL:
+    """The URL (see :func:`resolve_url`) with the synchronous driver of its database."""
     return _with_driver(resolve_url(url), _SYNC_DRIVERS, "synchronous")
 
 
 def async_url(url: str | URL | None = None) -> URL:
+    """The URL (see :func:`resolve_url`) with the asyncio driver of its database."""
     return _with_driver(resolve_url(url), _ASYNC_DRIVERS, "asyncio")
 
 
@@ -161,6 +163,7 @@ def _driver_missing(url: URL, error: ImportError) -> ConfigurationError:
 
 
 def is_memory_sqlite(url: URL) -> bool:
+    """Whether ``url`` is an in-memory SQLite database."""
     return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
 

@@ -208,12 +208,16 @@ class SchemaGate:
 
     @property
     def ready(self) -> bool:
+        """Whether the schema was found (or made) ready."""
         return self._ready
 
     def mark_ready(self) -> None:
+        """Record that the schema is at head (after a migration)."""
         self._ready = True
 
     def check(self, engine: sa.Engine, busy_timeout_ms: int | None) -> None:
+        """Raise :class:`SchemaNotReadyError` (one line) unless ``engine``'s database is at
+        head; a database that cannot be reached raises the driver's error."""
         # Idempotent and cheap, so racing first calls may both run it: no lock (a thread lock
         # would block the event loop under the async store's greenlet bridge).
         if self._ready:

@@ -58,6 +58,7 @@ class ConnectionSource:
         self.engine = engine
 
     def acquire(self) -> PoolProxiedConnection:
+        """A pooled connection for one operation."""
         return self.engine.raw_connection()
 
     def release(self, pooled: PoolProxiedConnection, *, clean: bool) -> None:

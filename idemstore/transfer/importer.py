@@ -47,7 +47,7 @@ from .parse import (
     open_parse,
 )
 from .rows import REPORT_LIST_LIMIT, IdMismatch, gc_paused
-from .source import check_unchanged, file_identity
+from .source import FileIdentity, check_unchanged, file_identity
 
 if TYPE_CHECKING:
     from ..aio import AsyncIdempotencyStore
@@ -153,6 +153,87 @@ def _flush(
     bulk.insert_rows(d, write, [pair for pair in fingerprints if pair[0] in written])
 
 
+@dataclass(slots=True)
+class _Import:
+    """One file's import, as :func:`import_call` set it up (its ``run`` is the Call's)."""
+
+    target: str
+    identity: FileIdentity
+    replace: bool
+    strict: bool
+    dry_run: bool
+    progress: Progress | None
+    workers: int
+    started: WorkerParse | None
+
+    def run(self, d: Driver) -> ImportReport:
+        # Nothing to compare against when the table is empty: the file's ids are distinct.
+        check = bulk.has_records(d)
+        # PostgreSQL's text columns cannot hold NUL: refused with the file, line and field.
+        forbid_nul = d.dialect.name == "postgresql"
+        # The savepoint: an error leaves even a caller's transaction as it was; a part a
+        # worker could not read is rolled back and the whole file read here instead.
+        with gc_paused(), d.bulk_load(), d.savepoint(_SAVEPOINT) as roll_back:
+            parse = open_parse(
+                self.target,
+                strict=self.strict,
+                batch_records=BATCH_RECORDS,
+                workers=self.workers,
+                started=self.started,
+                expect=self.identity,
+                forbid_nul=forbid_nul,
+            )
+            try:
+                with parse:
+                    return self.consume(d, parse, check)
+            except PartsFailed as failure:
+                # Read the whole file here instead: it names the first error, if any.
+                logger.info("%s: %s; reading it in one process", self.target, failure)
+                roll_back()
+            with FileParse(
+                self.target,
+                strict=self.strict,
+                batch_records=BATCH_RECORDS,
+                expect=self.identity,
+                forbid_nul=forbid_nul,
+            ) as parse:
+                return self.consume(d, parse, check)
+
+    def consume(self, d: Driver, parse: FileParse | WorkerParse, check: bool) -> ImportReport:
+        """Write the batches of ``parse`` (``check``: compare with what the table has)."""
+        began = time.perf_counter()
+        total = self.identity[2]
+        report = ImportReport(path=self.target, dry_run=self.dry_run, form=parse.form)
+        kept: dict[int, list[str]] = {}  # per part of the file, so that they list in file order
+        for rows, fingerprints, bytes_read, part in parse:
+            report.read += len(rows)
+            _flush(
+                d,
+                rows,
+                fingerprints,
+                report,
+                kept.setdefault(part, []),
+                replace=self.replace,
+                dry_run=self.dry_run,
+                check=check,
+            )
+            if self.progress is not None:
+                self.progress(report.read, bytes_read, total)
+        report.kept_ids = [k for part in sorted(kept) for k in kept[part]][:REPORT_LIST_LIMIT]
+        summary = parse.summary()
+        if self.progress is not None:
+            self.progress(report.read, total, total)
+        report.form = summary.form
+        report.records_with_unknown_fields = summary.records_with_unknown_fields
+        report.unknown_fields = summary.unknown_fields
+        report.id_mismatches = summary.id_mismatches
+        report.mismatches = summary.mismatches
+        # Every reader checked its own file; this also covers a change after the last of them.
+        check_unchanged(self.target, self.identity)
+        report.seconds = time.perf_counter() - began
+        return report
+
+
 def import_call(
     path: str | os.PathLike[str],
     *,
@@ -182,75 +263,12 @@ def import_call(
     ):
         raise InvalidInputError(f"workers must be 0 or more, not {workers!r}")
     identity = file_identity(target)
-    total = identity[2]
-    n_workers = default_workers(total) if workers is None else workers
+    n_workers = default_workers(identity[2]) if workers is None else workers
 
-    def consume(d: Driver, parse: FileParse | WorkerParse, check: bool) -> ImportReport:
-        began = time.perf_counter()
-        report = ImportReport(path=target, dry_run=dry_run, form=parse.form)
-        kept: dict[int, list[str]] = {}  # per part of the file, so that they list in file order
-        for rows, fingerprints, bytes_read, part in parse:
-            report.read += len(rows)
-            _flush(
-                d,
-                rows,
-                fingerprints,
-                report,
-                kept.setdefault(part, []),
-                replace=replace,
-                dry_run=dry_run,
-                check=check,
-            )
-            if progress is not None:
-                progress(report.read, bytes_read, total)
-        report.kept_ids = [k for part in sorted(kept) for k in kept[part]][:REPORT_LIST_LIMIT]
-        summary = parse.summary()
-        if progress is not None:
-            progress(report.read, total, total)
-        report.form = summary.form
-        report.records_with_unknown_fields = summary.records_with_unknown_fields
-        report.unknown_fields = summary.unknown_fields
-        report.id_mismatches = summary.id_mismatches
-        report.mismatches = summary.mismatches
-        # Every reader checked its own file; this also covers a change after the last of them.
-        check_unchanged(target, identity)
-        report.seconds = time.perf_counter() - began
-        return report
-
-    def run(d: Driver) -> ImportReport:
-        # Nothing to compare against when the table is empty: the file's ids are distinct.
-        check = bulk.has_records(d)
-        # PostgreSQL's text columns cannot hold NUL: refused with the file, line and field.
-        forbid_nul = d.dialect.name == "postgresql"
-        # The savepoint: an error leaves even a caller's transaction as it was; a part a
-        # worker could not read is rolled back and the whole file read here instead.
-        with gc_paused(), d.bulk_load(), d.savepoint(_SAVEPOINT) as roll_back:
-            parse = open_parse(
-                target,
-                strict=strict,
-                batch_records=BATCH_RECORDS,
-                workers=n_workers,
-                started=started,
-                expect=identity,
-                forbid_nul=forbid_nul,
-            )
-            try:
-                with parse:
-                    return consume(d, parse, check)
-            except PartsFailed as failure:
-                # Read the whole file here instead: it names the first error, if any.
-                logger.info("%s: %s; reading it in one process", target, failure)
-                roll_back()
-            with FileParse(
-                target,
-                strict=strict,
-                batch_records=BATCH_RECORDS,
-                expect=identity,
-                forbid_nul=forbid_nul,
-            ) as parse:
-                return consume(d, parse, check)
-
-    return Call("read" if dry_run else "write", run)
+    job = _Import(
+        target, identity, replace, strict, dry_run, progress, n_workers, started
+    )  # fmt: skip
+    return Call("read" if dry_run else "write", job.run)
 
 
 def sync_store(store: IdempotencyStore | sa.Engine) -> IdempotencyStore:

@@ -281,6 +281,8 @@ class Converter:
 
     # -- the two paths
 
+    # Over 80 lines on purpose: the per-record hot path of the import (about 100k calls a
+    # second); every helper call it would be split into costs measurably (see README, Import).
     def _fast(self, map_key: str, value: Any) -> Converted:
         if type(value) is not tuple or not value:
             raise _Slow

@@ -24,14 +24,20 @@ class Unreadable(Exception):
 
 
 class NonFinite(Unreadable):
+    """NaN or Infinity, which JSON has not."""
+
     pass
 
 
 class TextOutOfRange(Unreadable):
+    """A number beyond f64, which serde_json refuses."""
+
     pass
 
 
 class TextTooDeep(Unreadable):
+    """Nested deeper than serde_json reads."""
+
     pass
 
 

@@ -65,6 +65,7 @@ def file_changed(path: str) -> FileFormatError:
 
 
 def identity_of(st: os.stat_result) -> FileIdentity:
+    """The :data:`FileIdentity` of a ``stat`` result."""
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 

@@ -71,6 +71,8 @@ def unknown_fields(value: dict[str, Any]) -> tuple[str, ...]:
 
 
 class SyntaxProblem(Exception):
+    """A record's text that serde_json refuses, at ``pos`` (field ``field``)."""
+
     def __init__(self, message: str, field: str, pos: int) -> None:
         super().__init__(message)
         self.message = message
@@ -131,6 +133,7 @@ def check_record_text(value: Any, containers: int) -> None:
 
 
 def join_path(path: str, name: str) -> str:
+    """The dotted path of field ``name`` inside ``path``."""
     return f"{path}.{name}" if path else name
 
 
@@ -159,6 +162,8 @@ def _opt_str(d: dict[str, Any], name: str, path: str) -> str | None:
 
 
 def check_uint(v: object, name: str, bits: int) -> int:
+    """``v`` if it is a u32/u64 (``bits``), else serde's :class:`RecordProblem` for
+    field ``name``."""
     limit = U64_MAX if bits == 64 else U32_MAX
     if type(v) is int:
         if 0 <= v <= limit:
@@ -237,6 +242,8 @@ def _unknown_fields(d: dict[str, Any]) -> tuple[str, ...]:
     return tuple(sorted(out))
 
 
+# Over 80 lines on purpose: serde's derived Deserialize is one pass over the fields in their
+# declared order, and so is this (each field's rule and message beside the next one's).
 def convert_record(
     v: object,
     cache: dict[tuple[Any, ...], TenantContext],
