@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..aio import AsyncIdempotencyStore
-from ..db.codec import RECORD_COLUMNS, full_row
+from ..db.codec import KEY, RECORD_COLUMNS, full_row
 from ..db.schema import records as R
 from ..ids import idempotency_record_id
 from ..rules import now_ms
@@ -213,7 +213,7 @@ def synthetic_rows(start: int, stop: int, now: int) -> list[tuple[Any, ...]]:
         row[ref] = f"delivery-{i}"
         row[token] = randbits(63)
         rows.append(tuple(row))
-    rows.sort(key=lambda row: row[0])
+    rows.sort(key=lambda row: row[KEY])
     return rows
 
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Final
 import sqlalchemy as sa
 
 from ..db import bulk
-from ..db.codec import Row, content
+from ..db.codec import KEY, Row, content
 from ..db.driver import Driver
 from ..db.ops import Call
 from ..errors import InvalidInputError
@@ -116,7 +116,7 @@ def _flush(
     write what differs."""
     if not rows:
         return
-    existing = bulk.fetch_existing(d, [row[0] for row in rows]) if check else {}
+    existing = bulk.fetch_existing(d, [row[KEY] for row in rows]) if check else {}
     if not existing:
         report.inserted += len(rows)
         if not dry_run:
@@ -128,7 +128,7 @@ def _flush(
     write: list[Row] = []
     replaced: list[str] = []
     for row in rows:
-        record_id = row[0]
+        record_id = row[KEY]
         found = existing.get(record_id)
         if found is not None:
             db_row, db_fps = found
@@ -149,7 +149,7 @@ def _flush(
         return
     if replaced:
         bulk.delete_records(d, replaced)
-    written = {row[0] for row in write}
+    written = {row[KEY] for row in write}
     bulk.insert_rows(d, write, [pair for pair in fingerprints if pair[0] in written])
 
 

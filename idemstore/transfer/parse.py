@@ -38,7 +38,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NoReturn
 
-from ..db.codec import Row
+from ..db.codec import KEY, Row
 from ..errors import FileFormatError, IdemstoreError
 from .reader import RecordReader
 from .rows import REPORT_LIST_LIMIT, Converter, IdMismatch, gc_paused
@@ -161,7 +161,7 @@ class FileParse:
         for row, fps in reader.convert_each(convert, convert.chunk):
             rows.append(row)
             if fps:
-                record_id = row[0]
+                record_id = row[KEY]
                 fingerprints.extend([(record_id, fp) for fp in fps])
             if len(rows) >= size:
                 yield rows, fingerprints, reader.bytes_read, 0
@@ -556,7 +556,7 @@ class WorkerParse:
                     _, rows, fingerprints, bytes_read, _part = message
                     if ids is not None:
                         before = len(ids)
-                        ids.update([row[0] for row in rows])
+                        ids.update([row[KEY] for row in rows])
                         if len(ids) != before + len(rows):
                             raise PartsFailed("a record id appears in two parts of the file")
                     w.bytes_read = bytes_read - self._starts[i]
