@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .aio import AsyncIdempotencyStore
-    from .config import create_async_engine, create_engine
+    from .db.engine import create_async_engine, create_engine
     from .errors import (
         ConfigurationError,
         ConnectionLostError,
@@ -23,13 +23,6 @@ if TYPE_CHECKING:
         StoreClosedError,
     )
     from .ids import idempotency_fingerprint, idempotency_record_id
-    from .importer import (
-        ImportReport,
-        export_file,
-        export_file_async,
-        import_file,
-        import_file_async,
-    )
     from .model import (
         Conflict,
         Duplicate,
@@ -38,19 +31,22 @@ if TYPE_CHECKING:
         RecordStatus,
         Reservation,
         Reserved,
+        Stats,
         TenantContext,
         TenantSource,
     )
-    from .ops import Stats
+    from .rules import now_ms
     from .store import IdempotencyStore
+    from .transfer.exporter import export_file, export_file_async
+    from .transfer.importer import ImportReport, import_file, import_file_async
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 #: Public name -> the submodule that defines it.
 _SOURCES: dict[str, str] = {
     "AsyncIdempotencyStore": "aio",
-    "create_async_engine": "config",
-    "create_engine": "config",
+    "create_async_engine": "db.engine",
+    "create_engine": "db.engine",
     "ConfigurationError": "errors",
     "ConnectionLostError": "errors",
     "FileFormatError": "errors",
@@ -61,11 +57,11 @@ _SOURCES: dict[str, str] = {
     "StoreClosedError": "errors",
     "idempotency_fingerprint": "ids",
     "idempotency_record_id": "ids",
-    "ImportReport": "importer",
-    "export_file": "importer",
-    "export_file_async": "importer",
-    "import_file": "importer",
-    "import_file_async": "importer",
+    "ImportReport": "transfer.importer",
+    "export_file": "transfer.exporter",
+    "export_file_async": "transfer.exporter",
+    "import_file": "transfer.importer",
+    "import_file_async": "transfer.importer",
     "Conflict": "model",
     "Duplicate": "model",
     "IdempotencyRecord": "model",
@@ -75,7 +71,8 @@ _SOURCES: dict[str, str] = {
     "Reserved": "model",
     "TenantContext": "model",
     "TenantSource": "model",
-    "Stats": "ops",
+    "Stats": "model",
+    "now_ms": "rules",
     "IdempotencyStore": "store",
 }
 
@@ -109,6 +106,7 @@ __all__ = [
     "idempotency_record_id",
     "import_file",
     "import_file_async",
+    "now_ms",
 ]
 
 
@@ -122,4 +120,4 @@ def __getattr__(name: str) -> object:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    return sorted({*__all__, "__version__"})

@@ -1,7 +1,7 @@
 """The asyncio store: :class:`AsyncIdempotencyStore`.
 
-It runs the very functions the sync store runs (:mod:`idemstore.ops` through
-:mod:`idemstore._runner`), one hop per operation (:mod:`idemstore._offload`):
+It runs the very functions the sync store runs (:mod:`idemstore.db.ops` through
+:mod:`idemstore.db.runner`), one hop per operation (:mod:`idemstore.db.offload`):
 
 - SQLite (``offload="thread"``, the default there): the whole operation runs on a worker
   thread with the stdlib driver. aiosqlite pays a thread hop per driver call (begin, execute,
@@ -21,14 +21,15 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from . import ops
-from ._offload import GreenletTasks, WorkerThreads, closed_error
-from ._runner import SchemaGate, run_in_caller
-from .config import DEFAULT_SYNCHRONOUS, create_async_engine, create_engine, is_memory_sqlite
-from .dialects import DEFAULT_BUSY_TIMEOUT_MS
+from .db import ops
+from .db.engine import create_async_engine, create_engine, is_memory_sqlite
+from .db.migrate import SchemaGate, migrate_engine
+from .db.offload import GreenletTasks, WorkerThreads, closed_error
+from .db.runner import run_in_caller
+from .defaults import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_SYNCHRONOUS
 from .errors import ConfigurationError
-from .model import IdempotencyRecord, Outcome, Reservation, TenantContext
-from .store import migrate_engine
+from .model import IdempotencyRecord, Outcome, Reservation, Stats, TenantContext
+from .rules import DEFAULT_PURGE_BATCH
 
 T = TypeVar("T")
 AsyncConnectionLike = AsyncConnection | AsyncSession
@@ -195,7 +196,7 @@ class AsyncIdempotencyStore:
         await self.close()
 
     async def run(self, call: ops.Call[T], *, connection: AsyncConnectionLike | None = None) -> T:
-        """Run one prepared operation from :mod:`idemstore.ops`.
+        """Run one prepared operation from :mod:`idemstore.db.ops`.
 
         Raises :class:`~idemstore.StoreClosedError` after :meth:`close`,
         :class:`~idemstore.LockTimeoutError` when a lock could not be had in time, and
@@ -283,13 +284,13 @@ class AsyncIdempotencyStore:
         self,
         *,
         now_ms: int | None = None,
-        batch_size: int = ops.DEFAULT_PURGE_BATCH,
+        batch_size: int = DEFAULT_PURGE_BATCH,
         connection: AsyncConnectionLike | None = None,
     ) -> int:
         """Delete records with ``expires_at_ms <= now`` in batches; how many."""
         call = ops.purge_expired(now_ms=now_ms, batch_size=batch_size)
         return await self.run(call, connection=connection)
 
-    async def stats(self, *, connection: AsyncConnectionLike | None = None) -> ops.Stats:
+    async def stats(self, *, connection: AsyncConnectionLike | None = None) -> Stats:
         """Record counts by operation and status."""
         return await self.run(ops.stats(), connection=connection)

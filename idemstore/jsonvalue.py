@@ -354,6 +354,8 @@ _scanstring: Final[Callable[[str, int], tuple[str, int]]] = json.decoder.scanstr
 _CONSTANTS: Final = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
+# Over 80 lines on purpose: one explicit-stack state machine (a recursive decoder split
+# into helpers would need the stack this exists to avoid).
 def decode_iterative(
     text: str,
     idx: int = 0,

@@ -6,13 +6,14 @@ enum values are the JSON strings. Nothing here does SQL or I/O.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final, TypeAlias, Union
 
 #: Largest value of a Rust ``u64``: counters saturate here, timestamps may not exceed it.
 U64_MAX: Final = 2**64 - 1
-#: A u64 is stored in a signed 64-bit column as ``value - U64_SHIFT`` (see ``schema``).
+#: A u64 is stored in a signed 64-bit column as ``value - U64_SHIFT`` (see ``db.codec``).
 U64_SHIFT: Final = 2**63
 #: The record/file schema version the Rust module writes.
 RECORD_SCHEMA_VERSION: Final = 1
@@ -140,3 +141,29 @@ class Conflict:
 
 #: The result of ``reserve``: exactly one of the three kinds.
 Reservation: TypeAlias = Union[Reserved, Duplicate, Conflict]
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Record counts by operation and status (what ``stats()`` returns)."""
+
+    counts: Mapping[tuple[str, RecordStatus], int]
+
+    @property
+    def total(self) -> int:
+        """Every record."""
+        return sum(self.counts.values())
+
+    def by_status(self) -> dict[RecordStatus, int]:
+        """Counts per status (every status, 0 where none)."""
+        result = dict.fromkeys(RecordStatus, 0)
+        for (_, status), count in self.counts.items():
+            result[status] += count
+        return result
+
+    def by_operation(self) -> dict[str, int]:
+        """Counts per operation."""
+        result: dict[str, int] = {}
+        for (operation, _), count in self.counts.items():
+            result[operation] = result.get(operation, 0) + count
+        return result

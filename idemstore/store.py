@@ -1,4 +1,5 @@
-"""The synchronous store: :class:`IdempotencyStore`."""
+"""The synchronous store: :class:`IdempotencyStore`, one line per operation into
+:mod:`idemstore.db.ops`, run by :mod:`idemstore.db.runner`."""
 
 from __future__ import annotations
 
@@ -8,24 +9,19 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import URL
 
-from . import ops
-from ._runner import SchemaGate, run_in_caller, run_owned
-from .config import DEFAULT_SYNCHRONOUS, create_engine
-from .dialects import DEFAULT_BUSY_TIMEOUT_MS
+from .db import ops
+from .db.engine import create_engine
+from .db.migrate import SchemaGate, migrate_engine
+from .db.runner import run_in_caller, run_owned
+from .defaults import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_SYNCHRONOUS
 from .errors import ConfigurationError, StoreClosedError
-from .migrate import upgrade
-from .model import IdempotencyRecord, Outcome, Reservation, TenantContext
+from .model import IdempotencyRecord, Outcome, Reservation, Stats, TenantContext
+from .rules import DEFAULT_PURGE_BATCH
 
 if TYPE_CHECKING:
-    from ._runner import SyncConnectionLike
+    from .db.runner import SyncConnectionLike
 
 T = TypeVar("T")
-
-
-def migrate_engine(engine: sa.Engine) -> None:
-    """Upgrade ``engine``'s database to idemstore's head revision, in one transaction."""
-    with engine.begin() as connection:
-        upgrade(connection)
 
 
 class IdempotencyStore:
@@ -150,7 +146,7 @@ class IdempotencyStore:
         self.close()
 
     def run(self, call: ops.Call[T], *, connection: SyncConnectionLike | None = None) -> T:
-        """Run one prepared operation from :mod:`idemstore.ops`.
+        """Run one prepared operation from :mod:`idemstore.db.ops`.
 
         Raises :class:`~idemstore.StoreClosedError` after :meth:`close`,
         :class:`~idemstore.LockTimeoutError` when a lock could not be had in time, and
@@ -233,7 +229,7 @@ class IdempotencyStore:
         self,
         *,
         now_ms: int | None = None,
-        batch_size: int = ops.DEFAULT_PURGE_BATCH,
+        batch_size: int = DEFAULT_PURGE_BATCH,
         connection: SyncConnectionLike | None = None,
     ) -> int:
         """Delete records with ``expires_at_ms <= now`` in batches; how many."""
@@ -241,6 +237,6 @@ class IdempotencyStore:
             ops.purge_expired(now_ms=now_ms, batch_size=batch_size), connection=connection
         )
 
-    def stats(self, *, connection: SyncConnectionLike | None = None) -> ops.Stats:
+    def stats(self, *, connection: SyncConnectionLike | None = None) -> Stats:
         """Record counts by operation and status."""
         return self.run(ops.stats(), connection=connection)

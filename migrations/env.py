@@ -7,7 +7,7 @@ the migrations on a connection it holds (Alembic cookbook); else from ``-x url=.
 schema can live beside an application's own.
 
 Every run takes idemstore's migration lock in its transaction before Alembic reads the version
-table (:func:`idemstore.migrate.lock_for_migration`), so that ``alembic upgrade head`` from
+table (:func:`idemstore.db.migrate.lock_for_migration`), so that ``alembic upgrade head`` from
 many instances at once is safe too.
 """
 
@@ -20,9 +20,9 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import context
 
-from idemstore.config import create_async_engine, create_engine, resolve_url
-from idemstore.migrate import lock_for_migration
-from idemstore.schema import VERSION_TABLE, metadata
+from idemstore.db.engine import create_async_engine, create_engine, resolve_url
+from idemstore.db.migrate import lock_for_migration
+from idemstore.db.schema import VERSION_TABLE, metadata
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("connection") is None:

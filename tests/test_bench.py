@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from idemstore import bench
+from idemstore.bench import command as bench
+from idemstore.bench.harness import WORKLOADS
 
 POSTGRES_ENV = "IDEMSTORE_TEST_POSTGRES_URL"
 
@@ -39,7 +40,7 @@ def _check(report: dict[str, object]) -> None:
     assert isinstance(figures, list)
     assert {f["section"] for f in figures} >= SECTIONS
     ops = [f for f in figures if f["section"] == "ops"]
-    assert {f["workload"] for f in ops} == set(bench.WORKLOADS)
+    assert {f["workload"] for f in ops} == set(WORKLOADS)
     assert all(f["rate"] > 0 for f in figures)
     # Every idemstore figure of the ops section is a ratio to the bare driver.
     assert all(f["ratio"] is not None for f in ops if f["variant"].startswith("idemstore"))

@@ -24,11 +24,11 @@ from idemstore import (
     TenantContext,
     export_file,
     import_file,
-    ops,
 )
-from idemstore._rows import record_row
-from idemstore.importer import import_call
-from tests import datagen
+from idemstore.bench import datagen
+from idemstore.db import bulk, codec, ops
+from idemstore.db.codec import record_row
+from idemstore.transfer.importer import import_call
 from tests.faultkit import (
     ROOT,
     as_ordinary_user,
@@ -277,13 +277,13 @@ def _store_raw_details(store: IdempotencyStore, details_text: str) -> None:
     record = store.get(TENANT, "op", "deep")
     assert record is not None
     row = list(record_row(record))
-    at = ops.RECORD_COLUMNS.index("outcome_details")
+    at = codec.RECORD_COLUMNS.index("outcome_details")
     row[at - 6 : at + 1] = ["done", 1 - 2**63, None, None, None, None, details_text]
-    row[ops.RECORD_COLUMNS.index("status")] = "completed"
+    row[codec.RECORD_COLUMNS.index("status")] = "completed"
 
     def write(d: Any) -> None:
-        ops.delete_records(d, [record.record_id])
-        ops.insert_rows(d, [(*row, 1)], [])
+        bulk.delete_records(d, [record.record_id])
+        bulk.insert_rows(d, [(*row, 1)], [])
 
     store.run(ops.Call("write", write))
 

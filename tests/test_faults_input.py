@@ -25,8 +25,8 @@ from idemstore import (
     export_file,
     import_file,
 )
-from idemstore.jsonfile import read_records
-from tests import datagen
+from idemstore.bench import datagen
+from idemstore.transfer.reader import read_records
 from tests.badfiles import base_record
 from tests.conftest import Database
 from tests.faultkit import (
@@ -500,8 +500,9 @@ def _random_value(rng: Any, depth: int = 0) -> Any:
 def test_codecs_without_recursion_agree_with_the_recursive_ones() -> None:
     import random
 
-    from idemstore import jsonfile, jsonvalue
-    from idemstore._rows import dump_details
+    from idemstore import jsonvalue
+    from idemstore.rules import dump_details
+    from idemstore.transfer import writer as jsonfile
 
     rng = random.Random(7)
     values = [_random_value(rng) for _ in range(2000)] + [nested(DETAILS_LIMIT), nested(300)]

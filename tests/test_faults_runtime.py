@@ -39,8 +39,8 @@ from idemstore import (
     StoreClosedError,
     create_async_engine,
     create_engine,
-    ops,
 )
+from idemstore.db import ops
 
 from .conftest import BACKENDS, ENGINES, Database
 from .faults_support import (

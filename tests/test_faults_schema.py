@@ -35,9 +35,9 @@ from idemstore import (
     TenantContext,
     create_engine,
 )
-from idemstore import migrate as idem_migrate
-from idemstore.config import safe_url
-from idemstore.schema import SCHEMA_REVISION, SCHEMA_REVISIONS, VERSION_TABLE
+from idemstore.db import migrate as idem_migrate
+from idemstore.db.engine import safe_url
+from idemstore.db.schema import SCHEMA_REVISION, SCHEMA_REVISIONS, VERSION_TABLE
 from tests.conftest import Database, postgres_url_or_skip
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,13 +129,13 @@ def scratch_postgres() -> Iterator[Callable[[], str]]:
 #: Each process loads everything, says ``ready`` and waits for ``go`` on stdin, so that the
 #: four migrations start within a millisecond or so of each other.
 _READY = (
-    "import sys, alembic.command, idemstore._entry, idemstore.cli, idemstore.store; "
+    "import sys, alembic.command, idemstore.cli, idemstore.store; "
     "print('ready', flush=True); sys.stdin.readline(); "
 )
 #: ``idemstore --database-url URL migrate`` through the console script's entry function.
 _MIGRATE_COMMAND = (
     _READY + "sys.argv = ['idemstore', '--database-url', sys.argv[1], 'migrate']; "
-    "sys.exit(idemstore._entry.main())"
+    "sys.exit(idemstore.cli.main())"
 )
 #: An application instance opening its store with ``migrate=True``.
 _MIGRATE_ON_OPEN = (

@@ -18,14 +18,20 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from idemstore import IdempotencyStore, _entry, _parse, _rows, importer, jsonfile, ops
+from idemstore import IdempotencyStore, cli, rules
+from idemstore.bench import datagen
+from idemstore.cli import transfer as cli_transfer
+from idemstore.db import codec, statements
+from idemstore.db.schema import conflict_fingerprints as F
+from idemstore.db.schema import records as R
 from idemstore.errors import FileFormatError
 from idemstore.ids import idempotency_record_id
-from idemstore.jsonfile import read_records, record_to_json, write_records
 from idemstore.model import IdempotencyRecord, Outcome, RecordStatus, TenantContext
-from idemstore.schema import conflict_fingerprints as F
-from idemstore.schema import records as R
-from tests import datagen
+from idemstore.transfer import exporter, importer, scan, validate
+from idemstore.transfer import parse as _parse
+from idemstore.transfer import rows as _rows
+from idemstore.transfer.reader import read_records
+from idemstore.transfer.writer import record_to_json, write_records
 from tests.badfiles import BAD_FILES, RECORD_ID, BadFile
 from tests.conftest import ENGINES, Database
 
@@ -57,8 +63,8 @@ class Transfer:
 
     def export(self, path: Path) -> int:
         if self.loop is not None:
-            return self.loop.run_until_complete(importer.export_file_async(self.astore, path))
-        return importer.export_file(self.store, path)
+            return self.loop.run_until_complete(exporter.export_file_async(self.astore, path))
+        return exporter.export_file(self.store, path)
 
     def dump(self, *, tokens: bool = True) -> tuple[list[tuple[Any, ...]], list[tuple[str, str]]]:
         """Every row of both tables (fingerprints per record in first-seen order)."""
@@ -100,7 +106,7 @@ def _write(path: Path, records: list[IdempotencyRecord]) -> Path:
 
 def _pairs(value: Any) -> Any:
     """A record value as the reader's C scanner decodes it (objects as tuples of pairs)."""
-    decoded, _ = jsonfile._PAIRS_SCAN(json.dumps(value), 0)
+    decoded, _ = scan.PAIRS_SCAN(json.dumps(value), 0)
     return decoded
 
 
@@ -113,8 +119,8 @@ def test_fast_row_matches_precise_row() -> None:
             slow, fps = convert._precise(record.record_id, json.loads(json.dumps(value)))
             assert fast[:-1] == slow[:-1]  # the last column is a random reservation token
             assert fast_fps == fps == record.conflict_fingerprints
-            params = ops.record_params(record, 0)
-            assert fast[:-1] == tuple(params[f"p_{c}"] for c in ops.RECORD_COLUMNS[:-1])
+            params = statements.record_params(record, 0)
+            assert fast[:-1] == tuple(params[f"p_{c}"] for c in codec.RECORD_COLUMNS[:-1])
             assert 0 <= fast[-1] < 2**63 and 0 <= slow[-1] < 2**63
 
 
@@ -133,7 +139,7 @@ def test_fast_row_matches_precise_row() -> None:
     ],
 )
 def test_details_are_stored_compact_with_sorted_keys(details: Any, stored: str) -> None:
-    assert ops.dump_details(details) == stored
+    assert rules.dump_details(details) == stored
 
 
 @pytest.mark.parametrize("bad", BAD_FILES, ids=[b.name for b in BAD_FILES])
@@ -146,12 +152,12 @@ def test_fast_path_never_accepts_what_serde_refuses(bad: BadFile) -> None:
     value = records.get(RECORD_ID) if isinstance(records, dict) else None
     try:
         pairs = _pairs(value)
-    except jsonfile._NonFinite:
+    except scan.NonFinite:
         return  # the reader refuses NaN before any conversion
     try:
-        jsonfile.validate_value(value)
-    except jsonfile.RecordProblem:
-        with pytest.raises((_rows._Slow, jsonfile.RecordProblem)):
+        validate.validate_value(value)
+    except validate.RecordProblem:
+        with pytest.raises((_rows._Slow, validate.RecordProblem)):
             _rows.Converter()._fast(RECORD_ID, pairs)
 
 
@@ -582,7 +588,7 @@ def test_cli_import_table_json_and_exit_codes(tmp_path: Path) -> None:
     first = _run("--database-url", url, "import", sample)
     assert first.returncode == 0, first.stderr
     header = first.stdout.splitlines()[0].split()
-    assert header == ["file", "form", *importer._COUNTS, "unknown"]
+    assert header == ["file", "form", *cli_transfer._COUNTS, "unknown"]
     row = first.stdout.splitlines()[2].split()
     assert row[:5] == [sample, "versioned", "8", "8", "0"]
 
@@ -667,7 +673,7 @@ def test_prestart_reads_only_what_it_knows(
     datagen.write_realistic_file(big, 20)
     small.write_text("{}")
     names = {"big": str(big), "small": str(small), "missing": str(tmp_path / "none.json")}
-    started = _parse.prestart([a.format(**names) for a in argv])
+    started = cli.prestart([a.format(**names) for a in argv])
     try:
         if expected is None:
             assert started is None and spawns == []
@@ -691,14 +697,14 @@ def test_command_uses_the_workers_it_started_early(
     path = tmp_path / "keys.json"
     datagen.write_realistic_file(path, 300)
     early: list[Any] = []
-    prestart = _parse.prestart
+    prestart = cli.prestart
 
     def recorded(argv: list[str]) -> Any:
         early.append(prestart(argv))
         return early[-1]
 
-    monkeypatch.setattr(_parse, "prestart", recorded)
-    assert _entry.main(["--database-url", url, "import", "--json", str(path)]) == 0
+    monkeypatch.setattr(cli, "prestart", recorded)
+    assert cli.main(["--database-url", url, "import", "--json", str(path)]) == 0
     # Started once, by prestart (before the command loaded the database layer), and those
     # workers did the import: no second start.
     assert len(early) == 1 and early[0] is not None
@@ -709,7 +715,7 @@ def test_command_uses_the_workers_it_started_early(
     spawns.clear()
     second = tmp_path / "second.json"
     datagen.write_realistic_file(second, 5)
-    assert _entry.main(["--database-url", url, "import", "--workers", "0", str(second)]) == 0
+    assert cli.main(["--database-url", url, "import", "--workers", "0", str(second)]) == 0
     assert spawns == []  # --workers 0: parsed in the importing process
 
 

@@ -42,7 +42,11 @@ def _loaded_after(code: str, watch: tuple[str, ...]) -> list[str]:
 
 
 def test_pure_modules_import_without_sqlalchemy():
-    code = "import idemstore, idemstore.jsonfile, idemstore.ids, idemstore.model, idemstore.errors"
+    code = (
+        "import idemstore, idemstore.transfer.reader, idemstore.transfer.writer, "
+        "idemstore.transfer.rows, idemstore.db.codec, idemstore.rules, idemstore.ids, "
+        "idemstore.model, idemstore.errors"
+    )
     assert _loaded_after(code, ("sqlalchemy", *HEAVY)) == []
 
 

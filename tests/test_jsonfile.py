@@ -8,17 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from idemstore import jsonfile
+from idemstore.bench import datagen
 from idemstore.errors import FileFormatError, InvalidInputError
-from idemstore.jsonfile import (
-    FileHeader,
-    dumps_records,
-    open_records,
-    read_records,
-    record_from_json,
-    record_to_json,
-    write_records,
-)
 from idemstore.model import (
     U64_MAX,
     IdempotencyRecord,
@@ -27,7 +18,11 @@ from idemstore.model import (
     TenantContext,
     TenantSource,
 )
-from tests import datagen
+from idemstore.transfer import source
+from idemstore.transfer import writer as jsonwriter
+from idemstore.transfer.reader import FileHeader, open_records, read_records
+from idemstore.transfer.validate import record_from_json
+from idemstore.transfer.writer import dumps_records, record_to_json, write_records
 from tests.badfiles import BAD_FILES, BadFile, base_record, versioned
 
 DATA = Path(__file__).parent / "data"
@@ -255,7 +250,7 @@ def test_empty_store_is_written_like_serde() -> None:
     ],
 )
 def test_floats_in_details_are_written_like_ryu(value: float, expected: str) -> None:
-    assert jsonfile._format_float(value) == expected
+    assert jsonwriter._format_float(value) == expected
 
 
 # ------------------------------------------------------------------------------------------
@@ -307,8 +302,8 @@ def test_versioned_sample_is_canonical() -> None:
 
 def test_records_span_many_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Tiny chunks: every record, key and number crosses chunk boundaries.
-    monkeypatch.setattr(jsonfile, "_CHUNK_BYTES", 7)
-    monkeypatch.setattr(jsonfile, "_READ_AHEAD", 3)
+    monkeypatch.setattr(source, "_CHUNK_BYTES", 7)
+    monkeypatch.setattr(source, "_READ_AHEAD", 3)
     records = datagen.sample_records()
     for form, writer in (
         ("versioned", datagen.write_versioned_file),

@@ -13,8 +13,8 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from idemstore import migrate as idem_migrate
-from idemstore.schema import SCHEMA_REVISION, VERSION_TABLE, metadata
+from idemstore.db import migrate as idem_migrate
+from idemstore.db.schema import SCHEMA_REVISION, VERSION_TABLE, metadata
 
 REPO = Path(__file__).resolve().parent.parent
 IDEM_TABLES = {"idemstore_records", "idemstore_conflict_fingerprints"}
@@ -141,7 +141,7 @@ def test_migrate_from_a_wheel_in_a_clean_venv(tmp_path):
     workdir.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IDEMSTORE_", "PYTHON"))}
     where = subprocess.run(
-        [str(python), "-c", "import idemstore.migrate as m; print(m.migrations_dir())"],
+        [str(python), "-c", "import idemstore.db.migrate as m; print(m.migrations_dir())"],
         cwd=workdir,
         env=env,
         check=True,

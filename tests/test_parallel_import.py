@@ -24,12 +24,16 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from idemstore import IdempotencyStore, _parse, _rows, importer, jsonfile
+from idemstore import IdempotencyStore
+from idemstore.bench import datagen
+from idemstore.db.schema import conflict_fingerprints as F
+from idemstore.db.schema import records as R
 from idemstore.errors import FileFormatError, IdemstoreError
-from idemstore.jsonfile import record_to_json
-from idemstore.schema import conflict_fingerprints as F
-from idemstore.schema import records as R
-from tests import datagen
+from idemstore.transfer import importer
+from idemstore.transfer import parse as _parse
+from idemstore.transfer import reader as jsonfile
+from idemstore.transfer import rows as _rows
+from idemstore.transfer.writer import record_to_json
 from tests.conftest import Database
 
 ROOT = Path(__file__).parent.parent

@@ -17,10 +17,11 @@ from idemstore import (
     TenantSource,
     idempotency_record_id,
 )
+from idemstore.db.codec import encode_u64
+from idemstore.db.driver import Statement
+from idemstore.db.ops import Call
+from idemstore.db.schema import records as records_table
 from idemstore.model import U64_MAX
-from idemstore.ops import Call
-from idemstore.schema import encode_u64
-from idemstore.schema import records as records_table
 
 OP = "outbox.send"
 
@@ -66,7 +67,8 @@ def set_conflict_count(store, record_id: str, value: int) -> None:
 
     def run(d):
         d.execute(
-            "test_set_conflict_count", build, {"p_id": record_id, "p_count": encode_u64(value)}
+            Statement("test_set_conflict_count", build),
+            {"p_id": record_id, "p_count": encode_u64(value)},
         )
 
     store.run(Call("write", run))

@@ -20,7 +20,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    # u64 columns are BIGINT holding value - 2^63 (see idemstore.schema).
+    # u64 columns are BIGINT holding value - 2^63 (see idemstore.db.codec).
     op.create_table(
         "idemstore_records",
         sa.Column("record_id", sa.String(), nullable=False),

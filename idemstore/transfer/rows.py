@@ -1,10 +1,10 @@
-"""Records of a JSON key file as database row tuples, without SQLAlchemy.
+"""Records of a JSON key file as database rows, without SQLAlchemy.
 
-The importer's conversion from a decoded record to the tuple that is inserted lives here, so
-that the parse worker process (:mod:`idemstore._parse`) can run it without importing the
-database layer. A row holds the ``idemstore_records`` columns in table order (a test keeps the
-order equal to :data:`idemstore.ops.RECORD_COLUMNS`), u64 values already shifted to their
-stored form, the details as their stored text, and a random ``reservation_token`` last.
+The importer's conversion from a decoded record to the row that is inserted lives here, so
+that the parse worker processes (:mod:`idemstore.transfer.parse`) can run it without importing
+the database layer. Rows are built by the record codec (:func:`idemstore.db.codec.make_row`):
+every column, u64 values stored, the details as their stored text, a random
+``reservation_token`` last.
 
 Two paths turn a record into a row:
 
@@ -14,7 +14,7 @@ Two paths turn a record into a row:
   checks the types and ranges serde would check. Caches are keyed on keys, types, strings
   and nulls only: never on other JSON values, where Python's ``1 == 1.0 == True`` would merge
   different texts;
-* anything the fast path does not take goes to :func:`idemstore.jsonfile.validate_value`,
+* anything the fast path does not take goes to :func:`idemstore.transfer.validate.validate_value`,
   which builds the row the slow way or refuses the record with serde's exact message.
 
 A test runs both over every sample and every bad file: the fast path never accepts a record
@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
-import re
 import secrets
 import struct
 from collections import Counter
@@ -35,17 +33,36 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, Final
 
-from . import jsonfile, jsonvalue
-from .errors import InvalidInputError
-from .ids import record_id_hasher
-from .model import (
-    U64_MAX,
-    U64_SHIFT,
-    IdempotencyRecord,
-    JSONValue,
-    Outcome,
-    RecordStatus,
-    TenantSource,
+from .. import jsonvalue
+from ..db.codec import (
+    NO_OUTCOME,
+    OutcomeColumns,
+    Row,
+    TenantColumns,
+    field_of,
+    make_row,
+    record_row,
+    tenant_values,
+)
+from ..errors import InvalidInputError
+from ..ids import record_id_hasher
+from ..model import U64_MAX, RecordStatus, TenantSource
+from ..rules import U32_MAX, dump_checked_details
+from .fields import (
+    LEGACY_TENANT,
+    OUTCOME_FIELD_SET,
+    OUTCOME_FIELDS,
+    RECORD_FIELD_SET,
+    RECORD_FIELDS,
+    TENANT_FIELD_SET,
+)
+from .validate import (
+    RecordProblem,
+    check_record_text,
+    details_value,
+    plain_value,
+    unknown_fields,
+    validate_value,
 )
 
 __all__ = [
@@ -53,14 +70,9 @@ __all__ = [
     "Converted",
     "Converter",
     "IdMismatch",
-    "check_unicode",
-    "dump_details",
     "gc_paused",
-    "outcome_values",
-    "record_row",
 ]
 
-Row = tuple[Any, ...]
 #: A converted record: its row (token last) and its conflict fingerprints, first-seen order.
 Converted = tuple[Row, tuple[str, ...]]
 
@@ -80,162 +92,6 @@ def gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-
-
-# --------------------------------------------------------------------------------------------
-# Values as stored
-
-
-def check_unicode(value: str, name: str) -> str:
-    """Rust strings are valid UTF-8: a lone surrogate has no place in a key or a record."""
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidInputError(f"{name} is not valid Unicode (lone surrogate)") from None
-    return value
-
-
-#: Compact, keys sorted, non-ASCII kept, NaN refused: serde_json's form of a ``Value``.
-_DETAILS_ENCODER: Final = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-)
-
-
-#: The same, as the C encoder made once (``json.dumps`` makes one per call, which costs as
-#: much as encoding a small object). No circular-reference bookkeeping: a cycle ends in a
-#: RecursionError, and is then found too deep.
-def _not_json(value: object) -> None:
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-
-_C_ENCODER: Final = (
-    json.encoder.c_make_encoder(  # type: ignore[attr-defined]
-        None, _not_json, json.encoder.encode_basestring, None, ":", ",", True, False, False
-    )
-    if getattr(json.encoder, "c_make_encoder", None) is not None
-    else None
-)
-
-
-#: Digits enough for an integer beyond f64's range (the value is then checked exactly).
-_HUGE_DIGITS: Final = 300
-_HUGE_INTEGER: Final = re.compile(f"[0-9]{{{_HUGE_DIGITS}}}")
-
-
-def _not_serialisable(error: Exception) -> InvalidInputError:
-    return InvalidInputError(f"outcome details must be JSON-serialisable: {error}")
-
-
-def _too_deep() -> InvalidInputError:
-    return InvalidInputError(
-        f"outcome details are {jsonfile.DETAILS_TOO_DEEP} (or they contain themselves)"
-    )
-
-
-def _encode_checked(details: JSONValue) -> str:
-    """Details already checked as the Rust parser reads them (:func:`jsonfile.details_value`:
-    acyclic, not too deep, numbers in range) as stored text."""
-    try:
-        if details is None:
-            return "null"
-        if type(details) is str:
-            return check_unicode(json.encoder.encode_basestring(details), "outcome details")
-        text = "".join(_C_ENCODER(details, 0)) if _C_ENCODER is not None else dump_details(details)
-    except RecursionError:  # not enough stack left here for the C encoder
-        text = jsonvalue.dumps_compact(details)
-    return check_unicode(text, "outcome details")
-
-
-def dump_details(details: JSONValue) -> str:
-    """Outcome details as stored: compact JSON, keys sorted (as serde_json writes them).
-
-    Raises :class:`InvalidInputError` for details that are not JSON, circular, or that would
-    make a file the Rust store cannot read: nested more than
-    :data:`~idemstore.jsonvalue.MAX_DETAILS_DEPTH` deep, or holding an integer beyond f64's
-    range. Deep details are written without recursion when the stack runs short.
-    """
-    try:
-        if details is None:
-            text = "null"
-        elif type(details) is str:
-            text = json.encoder.encode_basestring(details)
-        elif _C_ENCODER is not None:
-            text = "".join(_C_ENCODER(details, 0))
-        else:  # pragma: no cover - CPython always has the C encoder
-            text = _DETAILS_ENCODER.encode(details)
-    except RecursionError:
-        # Deeper than the stack left here allows: circular, too deep, or a caller deep in
-        # its own stack. Measured and written again without recursion.
-        try:
-            jsonvalue.check_value(details, jsonvalue.MAX_DETAILS_DEPTH, tuples_are_objects=False)
-        except jsonvalue.TooDeep:
-            raise _too_deep() from None
-        except jsonvalue.OutOfRange:
-            pass  # reported below, with its path
-        try:
-            text = jsonvalue.dumps_compact(details)
-        except (TypeError, ValueError) as error:
-            raise _not_serialisable(error) from None
-    except (TypeError, ValueError) as error:
-        raise _not_serialisable(error) from None
-    else:
-        # Short texts (the common case) can be neither: a container takes two characters.
-        if (
-            len(text) > 2 * jsonvalue.MAX_DETAILS_DEPTH
-            and text.count("[") + text.count("{") > jsonvalue.MAX_DETAILS_DEPTH
-            and jsonvalue.first_too_deep(text, limit=jsonvalue.MAX_DETAILS_DEPTH) is not None
-        ):
-            raise _too_deep()
-    if len(text) >= _HUGE_DIGITS and _HUGE_INTEGER.search(text) is not None:
-        where = jsonvalue.check_details(details)
-        if where is not None:
-            raise InvalidInputError(
-                f"outcome details: the integer at {where} is beyond the range of a float, "
-                "which the Rust store's parser refuses (number out of range)"
-            )
-    return check_unicode(text, "outcome details")
-
-
-def outcome_values(outcome: Outcome | None) -> Row:
-    """The seven ``outcome_*`` columns of a record, as stored."""
-    if outcome is None:
-        return (None,) * 7
-    return (
-        outcome.outcome_kind,
-        outcome.completed_at_ms - U64_SHIFT,
-        outcome.primary_ref_kind,
-        outcome.primary_ref_id,
-        outcome.secondary_ref_kind,
-        outcome.secondary_ref_id,
-        dump_details(outcome.details),
-    )
-
-
-def record_row(record: IdempotencyRecord, record_id: str | None = None) -> Row:
-    """A record's row without its token (``record_id`` overrides the record's own)."""
-    tenant = record.tenant_context
-    expires = record.expires_at_ms
-    return (
-        record.record_id if record_id is None else record_id,
-        record.schema_version,
-        tenant.org_id,
-        tenant.workspace_id,
-        tenant.deployment_id,
-        tenant.actor_id,
-        tenant.source.value,
-        record.operation,
-        record.key,
-        record.owner,
-        record.request_fingerprint,
-        record.status.value,
-        record.first_seen_at_ms - U64_SHIFT,
-        record.last_seen_at_ms - U64_SHIFT,
-        record.first_seen_event_id,
-        None if expires is None else expires - U64_SHIFT,
-        *outcome_values(record.outcome),
-        record.conflict_count - U64_SHIFT,
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,9 +117,8 @@ class _Absent:
 
 _ABSENT_TENANT: Final = _Absent()  # the legacy default tenant
 _ABSENT_LIST: Final = _Absent()  # no conflict fingerprints
-_RECORD_FIELDS: Final = jsonfile._RECORD_FIELDS
 # What a missing optional field reads as, appended after a record's values so that one
-# itemgetter picks every field (present or defaulted) in _RECORD_FIELDS order.
+# itemgetter picks every field (present or defaulted) in RECORD_FIELDS order.
 _RECORD_DEFAULTS: Final = {
     "schema_version": 1,
     "tenant_context": _ABSENT_TENANT,
@@ -274,7 +129,7 @@ _RECORD_DEFAULTS: Final = {
     "conflict_fingerprints": _ABSENT_LIST,
 }
 _DEFAULT_VALUES: Final = tuple(_RECORD_DEFAULTS.values())
-_REQUIRED: Final = frozenset(_RECORD_FIELDS) - _RECORD_DEFAULTS.keys()
+_REQUIRED: Final = frozenset(RECORD_FIELDS) - _RECORD_DEFAULTS.keys()
 _DEFAULT_AT: Final = {name: i for i, name in enumerate(_RECORD_DEFAULTS)}
 # The Python type each field may have on the fast path (serde's rules; anything else, bool
 # included, goes to the precise validator).
@@ -299,20 +154,12 @@ _FIELD_TYPES: Final[tuple[_Types, ...]] = (
     _INT,  # conflict_count
     frozenset((list, _Absent)),  # conflict_fingerprints
 )
-_OUTCOME_FIELDS: Final = jsonfile._OUTCOME_FIELDS
 _OUTCOME_TYPES: Final[tuple[_Types, ...]] = (_STR, _INT, _OPT_STR, _OPT_STR, _OPT_STR, _OPT_STR)
 _STATUSES: Final = frozenset(s.value for s in RecordStatus)
 _SOURCES: Final = frozenset(s.value for s in TenantSource)
-# The legacy default tenant as row columns (jsonfile's TenantContext of it).
-_LEGACY_TENANT: Final = (
-    jsonfile._LEGACY_TENANT.org_id,
-    jsonfile._LEGACY_TENANT.workspace_id,
-    jsonfile._LEGACY_TENANT.deployment_id,
-    jsonfile._LEGACY_TENANT.actor_id,
-    jsonfile._LEGACY_TENANT.source.value,
-)
+# The legacy default tenant as row columns.
+_LEGACY_TENANT: Final = tenant_values(LEGACY_TENANT)
 _CACHE_LIMIT: Final = 10_000
-_NO_OUTCOME: Final[Row] = (None,) * 7
 _FLAT: Final = frozenset((str, type(None)))
 _VALUE: Final = itemgetter(1)
 _TOKENS_AT_ONCE: Final = 4096
@@ -331,8 +178,8 @@ def _record_layout(keys: tuple[str, ...]) -> _Layout:
         return _Layout(None, ())
     at = {name: i for i, name in enumerate(keys)}
     n = len(keys)
-    picks = [at[f] if f in at else n + _DEFAULT_AT[f] for f in _RECORD_FIELDS]
-    unknown = tuple(k for k in keys if k not in jsonfile._RECORD_FIELD_SET)
+    picks = [at[f] if f in at else n + _DEFAULT_AT[f] for f in RECORD_FIELDS]
+    unknown = tuple(k for k in keys if k not in RECORD_FIELD_SET)
     return _Layout(itemgetter(*picks), unknown)
 
 
@@ -340,8 +187,8 @@ def _outcome_layout(keys: tuple[str, ...]) -> _Layout:
     if len(set(keys)) != len(keys) or not {"outcome_kind", "completed_at_ms"} <= set(keys):
         return _Layout(None, ())
     at = {name: i for i, name in enumerate(keys)}
-    picks = [at.get(f, len(keys)) for f in _OUTCOME_FIELDS]  # missing: the None appended
-    unknown = tuple("outcome." + k for k in keys if k not in jsonfile._OUTCOME_FIELD_SET)
+    picks = [at.get(f, len(keys)) for f in OUTCOME_FIELDS]  # missing: the None appended
+    unknown = tuple("outcome." + k for k in keys if k not in OUTCOME_FIELD_SET)
     return _Layout(itemgetter(*picks), unknown)
 
 
@@ -349,7 +196,7 @@ def _types_ok(types: tuple[type, ...], allowed: tuple[_Types, ...]) -> bool:
     return all(t in a for t, a in zip(types, allowed, strict=True))
 
 
-def _tenant(pairs: tuple[tuple[str, Any], ...]) -> tuple[Row, tuple[str, ...]]:
+def _tenant(pairs: tuple[tuple[str, Any], ...]) -> tuple[TenantColumns, tuple[str, ...]]:
     """A tenant object's five columns and unknown fields, or :class:`_Slow`."""
     if not pairs:
         raise _Slow
@@ -370,7 +217,7 @@ def _tenant(pairs: tuple[tuple[str, Any], ...]) -> tuple[Row, tuple[str, ...]]:
         and source in _SOURCES
     ):
         raise _Slow
-    unknown = tuple("tenant_context." + k for k in d if k not in jsonfile._TENANT_FIELD_SET)
+    unknown = tuple("tenant_context." + k for k in d if k not in TENANT_FIELD_SET)
     return (org, ws, dep, actor, source), unknown
 
 
@@ -396,7 +243,7 @@ class Converter:
         self.mismatches: list[IdMismatch] = []
         self._layouts: dict[tuple[str, ...], _Layout] = {}
         self._outcomes: dict[tuple[str, ...], _Layout] = {}
-        self._tenants: dict[Any, tuple[Row, tuple[str, ...]]] = {}
+        self._tenants: dict[Any, tuple[TenantColumns, tuple[str, ...]]] = {}
         self._types: dict[tuple[type, ...], bool] = {}
         self._details: dict[tuple[tuple[str, str | None], ...], str] = {}
         self._hashers: dict[tuple[Row, str], Callable[[str], str]] = {}
@@ -426,7 +273,7 @@ class Converter:
         fast = self._fast
         try:
             items = [fast(k, v) for k, v in pairs]
-        except (_Slow, jsonfile.RecordProblem, jsonvalue.JSONValueProblem, InvalidInputError):
+        except (_Slow, RecordProblem, jsonvalue.JSONValueProblem, InvalidInputError):
             self._discard()
             return None
         self._commit()
@@ -434,6 +281,8 @@ class Converter:
 
     # -- the two paths
 
+    # Over 80 lines on purpose: the per-record hot path of the import (about 100k calls a
+    # second); every helper call it would be split into costs measurably (see README, Import).
     def _fast(self, map_key: str, value: Any) -> Converted:
         if type(value) is not tuple or not value:
             raise _Slow
@@ -454,7 +303,7 @@ class Converter:
             fields
         )
         if not (
-            0 <= sv <= jsonfile.U32_MAX
+            0 <= sv <= U32_MAX
             and status in _STATUSES
             and 0 <= first <= U64_MAX
             and 0 <= last <= U64_MAX
@@ -479,7 +328,7 @@ class Converter:
             if tenant_unknown:
                 unknown += tenant_unknown
         if oc is None:
-            outcome: Row = _NO_OUTCOME
+            outcome: OutcomeColumns = NO_OUTCOME
         else:
             okeys, ovalues = zip(*oc, strict=True) if oc else ((), ())
             olayout = self._outcomes.get(okeys)
@@ -502,14 +351,14 @@ class Converter:
             if type(details) is tuple and _FLAT.issuperset(map(type, map(_VALUE, details))):
                 text = self._details.get(details)
                 if text is None:
-                    text = _encode_checked(jsonfile.details_value(details))
+                    text = dump_checked_details(details_value(details))
                     if len(self._details) >= _CACHE_LIMIT:
                         self._details.clear()
                     self._details[details] = text
             else:
                 # Checked as the Rust parser reads them: nesting, numbers beyond u64 / i64.
-                text = _encode_checked(jsonfile.details_value(details))
-            outcome = (kind, completed - U64_SHIFT, pk, pid, sk, sid, text)
+                text = dump_checked_details(details_value(details))
+            outcome = (kind, completed, pk, pid, sk, sid, text)
         if fps is _ABSENT_LIST or not fps:
             fingerprints: tuple[str, ...] = ()
         else:
@@ -517,7 +366,7 @@ class Converter:
                 raise _Slow
             fingerprints = tuple(fps)
         if unknown:  # ignored, but they still have to parse: nesting, numbers
-            jsonfile.check_record_text(value, self.containers)
+            check_record_text(value, self.containers)
         # The common case (one id computed, equal to the map key) needs no more of _check.
         if (
             len(fingerprints) > 1
@@ -529,32 +378,21 @@ class Converter:
         token = next(self._tokens, None)
         if token is None:
             token = self._more_tokens()
-        row = (
-            map_key,
-            sv,
-            *tenant,
-            op,
-            key,
-            owner,
-            fp,
-            status,
-            first - U64_SHIFT,
-            last - U64_SHIFT,
-            event,
-            None if expires is None else expires - U64_SHIFT,
-            *outcome,
-            count - U64_SHIFT,
-            token,
-        )
+        # The codec builds the row (mypy misaligns the unpacked fixed-length tuples).
+        row = make_row(
+            map_key, sv, *tenant, op, key, owner, fp, status, first, last, event, expires,
+            *outcome, count, field_of(map_key, rid), token,  # type: ignore[arg-type]
+        )  # fmt: skip
         return row, fingerprints
 
     def _precise(self, map_key: str, value: Any) -> Converted:
-        d = jsonfile.plain_value(value, jsonvalue.MAX_DEPTH - self.containers)
-        record, _ = jsonfile.validate_value(d, containers=self.containers)
-        unknown = jsonfile.unknown_fields(d) if type(d) is dict else ()
+        d = plain_value(value, jsonvalue.MAX_DEPTH - self.containers)
+        record, _ = validate_value(d, containers=self.containers)
+        unknown = unknown_fields(d) if type(d) is dict else ()
         row = record_row(record, map_key)
         fps = record.conflict_fingerprints
-        self._check(map_key, record.record_id, row[2:7], record.operation, record.key, fps, unknown)
+        tenant = tenant_values(record.tenant_context)
+        self._check(map_key, record.record_id, tenant, record.operation, record.key, fps, unknown)
         token = next(self._tokens, None)
         if token is None:
             token = self._more_tokens()
@@ -575,7 +413,7 @@ class Converter:
             seen: set[str] = set()
             for i, f in enumerate(fps):
                 if f in seen:
-                    raise jsonfile.RecordProblem(
+                    raise RecordProblem(
                         f"conflict fingerprint {f!r} appears twice: the database keeps each "
                         "fingerprint of a record once",
                         f"conflict_fingerprints[{i}]",
@@ -584,7 +422,7 @@ class Converter:
         computed = self._hasher(tenant, operation)(key)
         if record_id != map_key or computed != map_key:
             if self.strict:
-                raise jsonfile.RecordProblem(
+                raise RecordProblem(
                     f"id mismatch (--strict): map key {map_key!r}, record_id field "
                     f"{record_id!r}, id computed from tenant, operation and key {computed!r}",
                     "record_id" if record_id != map_key else "",

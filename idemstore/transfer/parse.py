@@ -38,9 +38,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NoReturn
 
-from . import jsonfile
-from ._rows import REPORT_LIST_LIMIT, Converter, IdMismatch, Row, gc_paused
-from .errors import FileFormatError, IdemstoreError
+from ..db.codec import KEY, Row
+from ..errors import FileFormatError, IdemstoreError
+from .reader import RecordReader
+from .rows import REPORT_LIST_LIMIT, Converter, IdMismatch, gc_paused
+from .source import FileIdentity, file_identity, open_regular, unreadable
 
 __all__ = [
     "BATCH_RECORDS",
@@ -52,8 +54,8 @@ __all__ = [
     "WorkerParse",
     "default_workers",
     "open_parse",
-    "prestart",
     "split_points",
+    "start_early",
 ]
 
 logger = logging.getLogger("idemstore.import")
@@ -97,21 +99,15 @@ class ParseSummary:
         )
 
 
-unreadable = jsonfile.unreadable
-FileIdentity = jsonfile.FileIdentity
-
-
 def _open_reader(
     path: str,
     start: int,
     stop: int | None,
     expect: FileIdentity | None,
     forbid_nul: bool,
-) -> jsonfile.RecordReader:
+) -> RecordReader:
     try:
-        return jsonfile.RecordReader(
-            path, start=start, stop=stop, expect=expect, forbid_nul=forbid_nul
-        )
+        return RecordReader(path, start=start, stop=stop, expect=expect, forbid_nul=forbid_nul)
     except OSError as error:
         raise unreadable(path, error) from None
 
@@ -124,10 +120,10 @@ Batch = tuple[list[Row], list[tuple[str, str]], int, int]
 
 class FileParse:
     """The file (or the part ``start``..``stop`` of its records, see
-    :class:`~idemstore.jsonfile.RecordReader`) parsed in this process: iterate for
+    :class:`~idemstore.transfer.reader.RecordReader`) parsed in this process: iterate for
     :data:`Batch` es, then read :meth:`summary`. Close it (or use ``with``).
 
-    ``expect``: the identity the file must have (:func:`idemstore.jsonfile.file_identity`),
+    ``expect``: the identity the file must have (:func:`~idemstore.transfer.source.file_identity`),
     checked when it is opened and after its last record; ``forbid_nul``: refuse NUL in text
     fields (a PostgreSQL target)."""
 
@@ -165,7 +161,7 @@ class FileParse:
         for row, fps in reader.convert_each(convert, convert.chunk):
             rows.append(row)
             if fps:
-                record_id = row[0]
+                record_id = row[KEY]
                 fingerprints.extend([(record_id, fp) for fp in fps])
             if len(rows) >= size:
                 yield rows, fingerprints, reader.bytes_read, 0
@@ -208,7 +204,7 @@ def split_points(path: str, parts: int, expect: FileIdentity | None = None) -> l
     Raises FileFormatError for a file that cannot be read, is not a regular file, or is not
     ``expect``.
     """
-    f, _ = jsonfile.open_regular(path, expect)
+    f, _ = open_regular(path, expect)
     with f:
         m = _RUST_PREFIX.match(f.read(256))
         if m is None:
@@ -239,7 +235,7 @@ _PATH_VAR: Final = "IDEMSTORE_PARSE_WORKER_SYS_PATH"
 _WORKER_CODE: Final = (
     "import json, os, sys; "
     f"sys.path[:] = json.loads(os.environ.pop({_PATH_VAR!r})); "
-    "from idemstore._parse import worker_main; sys.exit(worker_main())"
+    "from idemstore.transfer.parse import worker_main; sys.exit(worker_main())"
 )
 
 
@@ -560,7 +556,7 @@ class WorkerParse:
                     _, rows, fingerprints, bytes_read, _part = message
                     if ids is not None:
                         before = len(ids)
-                        ids.update([row[0] for row in rows])
+                        ids.update([row[KEY] for row in rows])
                         if len(ids) != before + len(rows):
                             raise PartsFailed("a record id appears in two parts of the file")
                     w.bytes_read = bytes_read - self._starts[i]
@@ -604,7 +600,7 @@ def open_parse(
 ) -> FileParse | WorkerParse:
     """The file's parse: in this process (``workers=0``) or by worker processes, one per part
     of the file (if it can be cut; else one), or by the workers ``started`` for it already
-    (:func:`prestart`); in this process if no worker can start or one fails to. ``expect``
+    (:func:`start_early`); in this process if no worker can start or one fails to. ``expect``
     and ``forbid_nul``: see :class:`FileParse`."""
     wanted = (path, strict, batch_records, expect, forbid_nul)
     if (
@@ -647,43 +643,16 @@ def default_workers(size: int) -> int:
     return min(cores, MAX_WORKERS)
 
 
-def prestart(argv: Sequence[str]) -> WorkerParse | None:
-    """For ``idemstore import FILE ...``: start the first file's parse workers right away,
-    before the command imports the database layer (some 0.2 s the workers spend reading).
-    Reads only the arguments it knows; anything else, or a small file, starts nothing. The
-    import uses these workers if they match what it needs (:func:`open_parse`)."""
-    i = 0
-    url: str | None = None
-    while i < len(argv) and argv[i] in ("-v", "--verbose", "--database-url"):
-        if argv[i] == "--database-url":
-            url = argv[i + 1] if i + 1 < len(argv) else None
-            i += 2
-        else:
-            i += 1
-    if i >= len(argv) or argv[i] != "import":
-        return None
-    files: list[str] = []
-    strict = False
-    workers: int | None = None
-    rest = iter(argv[i + 1 :])
-    for arg in rest:
-        if arg == "--strict":
-            strict = True
-        elif arg in ("--replace", "--dry-run", "--json"):
-            pass
-        elif arg == "--workers":
-            value = next(rest, "")
-            if not value.isdigit():
-                return None
-            workers = int(value)
-        elif arg.startswith("-"):
-            return None  # --help, or an option this does not know
-        else:
-            files.append(arg)
-    if not files:
-        return None
+def start_early(
+    path: str, *, strict: bool, workers: int | None, forbid_nul: bool
+) -> WorkerParse | None:
+    """For the command line's fast start: the parse workers of ``path`` started right away,
+    before the command loads the database layer (some 0.2 s the workers spend reading), if the
+    file is big enough to be worth them; None otherwise, or if it cannot be read (the import
+    then reports that). The import uses these workers if they match what it needs
+    (:func:`open_parse`)."""
     try:
-        identity = jsonfile.file_identity(files[0])
+        identity = file_identity(path)
     except FileFormatError:
         return None  # the import reports it
     n = default_workers(identity[2]) if workers is None else workers
@@ -691,20 +660,12 @@ def prestart(argv: Sequence[str]) -> WorkerParse | None:
         return None
     try:
         return WorkerParse.spawn(
-            files[0],
+            path,
             strict=strict,
             batch_records=BATCH_RECORDS,
             workers=n,
             expect=identity,
-            forbid_nul=_postgresql(url),
+            forbid_nul=forbid_nul,
         )
     except FileFormatError:
         return None  # the file changed (or went) since: the import reports it
-
-
-def _postgresql(url: str | None) -> bool:
-    """Whether the command's database URL (``--database-url``, else the environment) is a
-    PostgreSQL one, read as text (this runs before SQLAlchemy is imported)."""
-    if url is None:
-        url = os.environ.get("IDEMSTORE_DATABASE_URL") or ""
-    return url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres")

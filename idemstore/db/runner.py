@@ -1,34 +1,28 @@
-"""Running a :class:`~idemstore.ops.Call`: in a transaction of idemstore's own, or in the
-caller's. Synchronous; the async store reaches it in one hop per operation."""
+"""Running an operation (a :class:`~idemstore.db.ops.Call`): in a transaction of idemstore's
+own on a pooled connection (a lost connection discarded, the operation run again when nothing
+can have committed), or in the caller's. Synchronous; the async store reaches it in one hop
+per operation (:mod:`idemstore.db.offload`)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, TypeAlias, TypeGuard, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Dialect
 from sqlalchemy.pool import PoolProxiedConnection
 
-from . import ops
-from .config import safe_url, sqlite_file
-from .dialects import (
+from ..errors import ConnectionLostError
+from .driver import (
     Driver,
     committed_nothing_when_lost,
     interrupt_spoils_connection,
     is_disconnect,
-    is_lock_timeout,
-    is_nul_in_text,
-    lock_timeout_error,
+    translated_errors,
 )
-from .errors import ConnectionLostError, InvalidInputError, SchemaNotReadyError
-from .migrate import check_revisions
+from .engine import safe_url
+from .ops import Call
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -40,28 +34,7 @@ T = TypeVar("T")
 logger = logging.getLogger("idemstore")
 
 
-@contextmanager
-def translated_errors(dialect: Dialect, busy_timeout_ms: int | None) -> Iterator[None]:
-    """Lock timeouts (SQLite's busy timeout, PostgreSQL's ``lock_timeout``) become
-    :class:`LockTimeoutError`; other driver errors are wrapped as SQLAlchemy wraps them
-    (``sqlalchemy.exc.DBAPIError`` subclasses, ``.orig`` the driver's), so callers catch one
-    family whichever path ran the statement."""
-    try:
-        yield
-    except Exception as error:
-        if is_lock_timeout(error):
-            raise lock_timeout_error(error, busy_timeout_ms) from error
-        if is_nul_in_text(error):
-            raise InvalidInputError(
-                "text containing NUL (\\x00) cannot be stored in PostgreSQL; nothing was written"
-            ) from error
-        driver_error = dialect.loaded_dbapi.Error
-        if isinstance(error, driver_error) and not isinstance(error, sa_exc.DBAPIError):
-            raise sa_exc.DBAPIError.instance(None, None, error, driver_error) from error
-        raise
-
-
-def run_in_transaction(driver: Driver, call: ops.Call[T]) -> T:
+def run_in_transaction(driver: Driver, call: Call[T]) -> T:
     """Run ``call`` in a transaction of its own on ``driver`` (whose connection is in no
     transaction), commit, return its result. An error rolls back (a rollback that fails too,
     on a dead connection, does not hide the error); an exit exception (``KeyboardInterrupt``,
@@ -85,6 +58,7 @@ class ConnectionSource:
         self.engine = engine
 
     def acquire(self) -> PoolProxiedConnection:
+        """A pooled connection for one operation."""
         return self.engine.raw_connection()
 
     def release(self, pooled: PoolProxiedConnection, *, clean: bool) -> None:
@@ -98,7 +72,7 @@ class ConnectionSource:
 
 def run_owned(
     engine: sa.Engine,
-    call: ops.Call[T],
+    call: Call[T],
     busy_timeout_ms: int | None,
     source: ConnectionSource | None = None,
 ) -> T:
@@ -237,9 +211,7 @@ def sync_connection(connection: SyncConnectionLike) -> sa.Connection:
     )
 
 
-def run_in_caller(
-    connection: SyncConnectionLike, call: ops.Call[T], busy_timeout_ms: int | None
-) -> T:
+def run_in_caller(connection: SyncConnectionLike, call: Call[T], busy_timeout_ms: int | None) -> T:
     """Run ``call`` inside the caller's transaction: it commits or rolls back with theirs.
 
     If the connection is lost, the caller's transaction is gone: :class:`ConnectionLostError`
@@ -270,44 +242,3 @@ def run_in_caller(
             raise
         finally:
             _close_quietly(driver)
-
-
-class SchemaGate:
-    """Checks once per store that the database is at the revision this package needs
-    (:func:`idemstore.migrate.check_revisions`), with one plain ``SELECT`` of the version
-    table: no Alembic, nothing written, and a missing SQLite file is reported, not created."""
-
-    def __init__(self) -> None:
-        self._ready = False
-
-    @property
-    def ready(self) -> bool:
-        return self._ready
-
-    def mark_ready(self) -> None:
-        self._ready = True
-
-    def check(self, engine: sa.Engine, busy_timeout_ms: int | None) -> None:
-        # Idempotent and cheap, so racing first calls may both run it: no lock (a thread lock
-        # would block the event loop under the async store's greenlet bridge).
-        if self._ready:
-            return
-        where = safe_url(engine.url)
-        path = sqlite_file(engine.url)
-        if path is not None and not os.path.exists(path):
-            # Connecting would create an empty database there (or fail, read-only).
-            raise SchemaNotReadyError(
-                f"database {where} has no idemstore schema: its file {os.path.abspath(path)} "
-                "does not exist; run `idemstore migrate` to create it (or open the store with "
-                "migrate=True), or check the URL"
-            )
-        # Connect first, so that a database that can't be reached is reported as such...
-        with translated_errors(engine.dialect, busy_timeout_ms):
-            engine.raw_connection().close()
-        try:
-            found = run_owned(engine, ops.schema_revisions(), busy_timeout_ms)
-        except sa_exc.DBAPIError as error:  # ...and a failing statement as no version table.
-            logger.debug("schema check failed on %s: %s", where, error)
-            found = ()
-        check_revisions(found, where)
-        self._ready = True

@@ -1,14 +1,18 @@
-"""Sample idempotency records and JSON key files, deterministic from a seed.
+"""The one data generator: sample idempotency records and JSON key files, deterministic from a
+seed, for the tests and the bench alike.
 
-Importable (``from tests.datagen import generate_records``) and runnable::
+Importable (``from idemstore.bench import datagen``) and runnable::
 
-    python -m tests.datagen --count 100000 --form versioned /tmp/keys.json
+    python -m idemstore.bench.datagen --count 100000 --form versioned /tmp/keys.json
 
 ``write_versioned_file`` writes the canonical form (what Rust writes, via
-:func:`idemstore.jsonfile.write_records`); ``write_legacy_file`` writes the old bare map with
+:func:`idemstore.transfer.writer.write_records`); ``write_legacy_file`` writes the old bare map with
 ``json.dumps`` (ASCII escapes, so ``\\uXXXX`` and surrogate pairs get exercised) and omits the
 fields a legacy file may lack (record ``schema_version``, ``conflict_count`` 0, and
-``tenant_context`` when it is the legacy default tenant).
+``tenant_context`` when it is the legacy default tenant); ``write_realistic_file`` writes
+FORMAT.md-shaped records from a text template (fast, for big files). The bench's records are
+:func:`synthetic_record` (one tenant and operation, completed), written by
+:func:`write_synthetic_file`.
 """
 
 from __future__ import annotations
@@ -19,11 +23,11 @@ import os
 import random
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
-from idemstore.ids import idempotency_fingerprint, idempotency_record_id
-from idemstore.jsonfile import record_to_json, write_records
-from idemstore.model import (
+from ..ids import idempotency_fingerprint, idempotency_record_id
+from ..model import (
     U64_MAX,
     IdempotencyRecord,
     JSONValue,
@@ -31,6 +35,9 @@ from idemstore.model import (
     RecordStatus,
     TenantContext,
 )
+from ..rules import now_ms
+from ..transfer.writer import record_to_json, write_records
+from .harness import OPERATION, OWNER, TENANT
 
 BASE_MS = 1_782_900_000_000
 LEGACY_TENANT = TenantContext.explicit_user_workspace("local", "default", None, "system")
@@ -285,6 +292,43 @@ def write_realistic_file(path: str | os.PathLike[str], n: int) -> int:
     return n
 
 
+def synthetic_record(i: int, now: int) -> IdempotencyRecord:
+    """The bench's record ``i``: a completed one of the bench tenant and operation, as an
+    application would leave it."""
+    key = f"pre-{i}"
+    return IdempotencyRecord(
+        record_id=idempotency_record_id(TENANT, OPERATION, key),
+        tenant_context=TENANT,
+        operation=OPERATION,
+        key=key,
+        owner=OWNER,
+        request_fingerprint=f"sha256:{i:064x}",
+        status=RecordStatus.COMPLETED,
+        first_seen_at_ms=now,
+        last_seen_at_ms=now + 1,
+        first_seen_event_id=f"event-{i}",
+        outcome=Outcome(
+            outcome_kind="accepted",
+            completed_at_ms=now + 1,
+            primary_ref_kind="delivery",
+            primary_ref_id=f"delivery-{i}",
+            details={"dedupe_result": "accepted"},
+        ),
+    )
+
+
+def write_synthetic_file(path: Path, count: int) -> int:
+    """A versioned Rust key file of ``count`` :func:`synthetic_record` s, in the order a hash
+    map gives them (``json.dumps``, two-space indent); its size in bytes."""
+    now = now_ms()
+    records = {
+        r["record_id"]: r for r in (record_to_json(synthetic_record(i, now)) for i in range(count))
+    }
+    payload = json.dumps({"schema_version": 1, "records": records}, indent=2).encode()
+    path.write_bytes(payload)
+    return len(payload)
+
+
 SAMPLE_FILES = {
     "sample_versioned.json": write_versioned_file,
     "sample_legacy.json": write_legacy_file,
@@ -302,6 +346,7 @@ def write_samples(directory: str | os.PathLike[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m idemstore.bench.datagen``: write a generated file."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("path", nargs="?")
     parser.add_argument("--count", type=int, default=1000)

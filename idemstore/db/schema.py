@@ -1,10 +1,9 @@
 """The tables: the one source of truth that the Alembic migrations match.
 
-Unsigned 64-bit values (timestamps in ms, ``conflict_count``) are Rust ``u64``. No portable SQL
-integer holds 2^64-1, so they are stored in a signed ``BIGINT`` shifted by 2^63 (stored =
-value - 2^63). The shift keeps order, so ``expires_at_ms <= now`` and the purge index work on
-stored values directly, and every u64 round-trips exactly. :class:`UInt64` does the shift for
-Core queries; :func:`encode_u64` / :func:`decode_u64` are the same mapping for raw statements.
+``idemstore_records`` has the columns of :data:`idemstore.db.codec.RECORD_COLUMNS`, in that
+order (checked here: the codec is the only place that knows a row's layout). Unsigned 64-bit
+values are stored shifted (:func:`~idemstore.db.codec.encode_u64`); :class:`UInt64` does the
+shift for Core queries of your own.
 """
 
 from __future__ import annotations
@@ -14,34 +13,20 @@ from typing import Any, Final
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 
-from .model import U64_MAX, U64_SHIFT
+from .codec import RECORD_COLUMNS, decode_u64, encode_u64
 
 #: Every Alembic revision this version of the package knows, oldest first: one line per
 #: script in ``migrations/versions`` (a test keeps them equal). Opening a store compares the
 #: version table with these, without loading Alembic.
-SCHEMA_REVISIONS: Final[tuple[str, ...]] = ("0001_initial",)
+SCHEMA_REVISIONS: Final[tuple[str, ...]] = ("0001_initial", "0002_record_id_field")
 #: The revision this version of the package needs: the head of ``migrations/``.
 SCHEMA_REVISION: Final = SCHEMA_REVISIONS[-1]
 #: Alembic's version table for idemstore, kept apart from a host app's ``alembic_version``.
 VERSION_TABLE: Final = "idemstore_alembic_version"
 
 
-def encode_u64(value: int) -> int:
-    """Map a u64 onto the stored signed 64-bit value, keeping order."""
-    return value - U64_SHIFT
-
-
-def decode_u64(stored: int) -> int:
-    """Inverse of :func:`encode_u64`."""
-    return int(stored) + U64_SHIFT
-
-
-#: Stored form of the largest u64 (the conflict-count saturation point).
-U64_MAX_STORED: Final = encode_u64(U64_MAX)
-
-
 class UInt64(sa.TypeDecorator[int]):
-    """A Rust ``u64`` column, stored order-preserving in a signed BIGINT (see module doc)."""
+    """A Rust ``u64`` column, stored order-preserving in a signed BIGINT (see the codec)."""
 
     impl = sa.BigInteger
     cache_ok = True
@@ -94,6 +79,9 @@ records = sa.Table(
     # it to its own JSON, and importing that dialect here would cost every SQLite user.
     sa.Column("outcome_details", sa.Text().with_variant(sa.JSON(), "postgresql"), nullable=True),
     sa.Column("conflict_count", UInt64, nullable=False),
+    # The record's own record_id field where it is not its key (a record imported under
+    # another map key, or with an empty field); NULL otherwise (revision 0002).
+    sa.Column("record_id_field", sa.String, nullable=True),
     # Random per reservation: tells the caller whose upsert created the current generation,
     # so Reserved vs Duplicate is exact even within one millisecond.
     sa.Column("reservation_token", sa.BigInteger, nullable=False),
@@ -125,14 +113,15 @@ conflict_fingerprints = sa.Table(
     sa.UniqueConstraint("record_id", "fingerprint"),
 )
 
+if tuple(records.c.keys()) != RECORD_COLUMNS:  # pragma: no cover - a column added to one only
+    raise RuntimeError("idemstore_records must have the codec's RECORD_COLUMNS, in order")
+
 __all__ = [
     "SCHEMA_REVISION",
-    "U64_MAX_STORED",
+    "SCHEMA_REVISIONS",
     "VERSION_TABLE",
     "UInt64",
     "conflict_fingerprints",
-    "decode_u64",
-    "encode_u64",
     "metadata",
     "records",
 ]

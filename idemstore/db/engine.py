@@ -1,4 +1,4 @@
-"""Database URL resolution and engine creation.
+"""Database URL resolution and engine creation, with each database's connection settings.
 
 URL: the argument, else ``IDEMSTORE_DATABASE_URL``, else ``sqlite:///idemstore.db``. The same
 URL serves the sync and the async store: the driver is swapped to the matching one
@@ -10,7 +10,6 @@ parameter named like a secret.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
@@ -21,19 +20,16 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import StaticPool
 
-from .dialects import (
+from ..defaults import (
     DEFAULT_BUSY_TIMEOUT_MS,
-    install_postgresql_listeners,
-    install_sqlite_listeners,
+    DEFAULT_SYNCHRONOUS,
+    SQLITE_SYNCHRONOUS,
+    url_text,
 )
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
-
-ENV_VAR: Final = "IDEMSTORE_DATABASE_URL"
-DEFAULT_URL: Final = "sqlite:///idemstore.db"
-DEFAULT_SYNCHRONOUS: Final = "FULL"
 
 _SYNC_DRIVERS: Final = {
     "sqlite": "sqlite",
@@ -60,7 +56,7 @@ def resolve_url(url: str | URL | None = None) -> URL:
 
     Raises :class:`ConfigurationError` for text that is not a URL (without repeating it: it
     may hold a password)."""
-    raw = url if url is not None else os.environ.get(ENV_VAR) or DEFAULT_URL
+    raw = url if isinstance(url, URL) else url_text(url)
     try:
         return make_url(raw)
     except (ArgumentError, ValueError, TypeError):
@@ -86,10 +82,12 @@ def _with_driver(url: URL, drivers: dict[str, str], kind: str) -> URL:
 
 
 def sync_url(url: str | URL | None = None) -> URL:
+    """The URL (see :func:`resolve_url`) with the synchronous driver of its database."""
     return _with_driver(resolve_url(url), _SYNC_DRIVERS, "synchronous")
 
 
 def async_url(url: str | URL | None = None) -> URL:
+    """The URL (see :func:`resolve_url`) with the asyncio driver of its database."""
     return _with_driver(resolve_url(url), _ASYNC_DRIVERS, "asyncio")
 
 
@@ -165,6 +163,7 @@ def _driver_missing(url: URL, error: ImportError) -> ConfigurationError:
 
 
 def is_memory_sqlite(url: URL) -> bool:
+    """Whether ``url`` is an in-memory SQLite database."""
     return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
 
@@ -328,3 +327,87 @@ def create_async_engine(
     if read_only:
         _read_only_transactions(engine.sync_engine)
     return engine
+
+
+# -- SQLite connection setup ---------------------------------------------------------------
+
+
+def sqlite_connect_pragmas(
+    *, synchronous: str, busy_timeout_ms: int, memory: bool, read_only: bool = False
+) -> list[str]:
+    """The pragmas every idemstore SQLite connection runs when it opens. WAL is switched on
+    for a file opened read-write only: ``read_only`` leaves the journal mode as it is."""
+    level = synchronous.upper()
+    if level not in SQLITE_SYNCHRONOUS:
+        raise ConfigurationError(
+            f"synchronous must be one of {', '.join(SQLITE_SYNCHRONOUS)}, not {synchronous!r}"
+        )
+    if busy_timeout_ms < 0:
+        raise ConfigurationError(f"busy_timeout_ms must be >= 0, not {busy_timeout_ms}")
+    pragmas = [f"PRAGMA busy_timeout = {int(busy_timeout_ms)}", "PRAGMA foreign_keys = ON"]
+    if not memory and not read_only:
+        pragmas.append("PRAGMA journal_mode = WAL")
+    pragmas.append(f"PRAGMA synchronous = {level}")
+    return pragmas
+
+
+def install_sqlite_listeners(
+    engine: sa.Engine,
+    *,
+    synchronous: str,
+    busy_timeout_ms: int,
+    memory: bool,
+    read_only: bool = False,
+) -> None:
+    """Make every connection of ``engine`` use idemstore's SQLite settings, and make
+    SQLAlchemy transactions real ones that begin with ``BEGIN IMMEDIATE``.
+
+    The driver's own implicit transactions are turned off (``isolation_level = None``), the
+    recipe in SQLAlchemy's pysqlite/aiosqlite documentation, so that a ``Connection.begin()``
+    takes the write lock up front instead of upgrading a deferred read.
+    """
+    pragmas = sqlite_connect_pragmas(
+        synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, memory=memory, read_only=read_only
+    )
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            for pragma in pragmas:
+                cursor.execute(pragma)
+        finally:
+            cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+# -- PostgreSQL connection setup -----------------------------------------------------------
+
+
+def postgresql_lock_timeout(busy_timeout_ms: int) -> str:
+    """The ``SET lock_timeout`` every PostgreSQL connection of an idemstore engine runs when it
+    opens: a statement waits at most ``busy_timeout_ms`` for a lock (a row of the same key
+    that another transaction holds), as SQLite's busy timeout bounds its wait for the write
+    lock. 0 gives up at once as on SQLite (PostgreSQL's own 0 would mean no limit: 1 ms)."""
+    if busy_timeout_ms < 0:
+        raise ConfigurationError(f"busy_timeout_ms must be >= 0, not {busy_timeout_ms}")
+    return f"SET lock_timeout = {max(1, int(busy_timeout_ms))}"
+
+
+def install_postgresql_listeners(engine: sa.Engine, *, busy_timeout_ms: int) -> None:
+    """Set ``lock_timeout`` once per connection of ``engine`` when it opens (nothing per
+    operation). Works for psycopg and for the asyncpg adapter alike."""
+    statement = postgresql_lock_timeout(busy_timeout_ms)
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(statement)
+        finally:
+            cursor.close()
+        dbapi_connection.commit()  # a SET in a transaction that rolls back is undone

@@ -1,9 +1,12 @@
-"""Everything that differs per database: upsert constructs, SQLite pragmas and transactions.
+"""Running statements on the DBAPI connection, and what driver errors mean.
 
-The rest of the package is dialect-neutral. Statements are SQLAlchemy constructs built once per
-dialect and compiled once per driver; :class:`Driver` runs them on the DBAPI connection that
-SQLAlchemy's pool hands out, so the hot path pays neither statement building nor SQLAlchemy's
-per-execute bookkeeping (about four fifths of the cost of a reservation on SQLite, measured).
+:class:`Statement` objects (defined in :mod:`idemstore.db.statements`) are SQLAlchemy
+constructs built once per dialect and compiled once per driver; :class:`Driver` runs them on
+the DBAPI connection that SQLAlchemy's pool hands out, so the hot path pays neither statement
+building nor SQLAlchemy's per-execute bookkeeping (about four fifths of the cost of a
+reservation on SQLite, measured). It also holds idemstore's transaction rules (``BEGIN
+IMMEDIATE`` on SQLite, savepoints, commit between batches). :func:`translated_errors` turns
+driver errors into idemstore's (lock timeouts, NUL in text) or SQLAlchemy's wrapper.
 """
 
 from __future__ import annotations
@@ -12,19 +15,18 @@ import contextlib
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.elements import ClauseElement
 
-from .errors import ConfigurationError, LockTimeoutError
-
-SQLITE_SYNCHRONOUS: Final = ("OFF", "NORMAL", "FULL", "EXTRA")
-DEFAULT_BUSY_TIMEOUT_MS: Final = 5000
+from ..errors import ConfigurationError, InvalidInputError, LockTimeoutError
 
 Row = Sequence[Any]
 
@@ -47,6 +49,8 @@ def insert_for(dialect: Dialect) -> Callable[[sa.Table], Insert]:
 
 @dataclass(frozen=True, slots=True)
 class CompiledStatement:
+    """A statement's SQL text for one dialect and driver, and how to bind its parameters."""
+
     sql: str
     #: Bind names in positional order, or None for a named paramstyle.
     positional: tuple[str, ...] | None
@@ -54,33 +58,49 @@ class CompiledStatement:
     constants: Mapping[str, Any]
 
 
-StatementBuilder = Callable[[Dialect], ClauseElement]
+class Statement:
+    """One SQL statement of the store: a SQLAlchemy construct built by ``build`` for a dialect,
+    compiled once per dialect and driver and kept on this object (thread-safe). The object is
+    the statement's identity; ``name`` only names it in messages.
 
-_compiled: dict[tuple[str, str, str], CompiledStatement] = {}
-_compiled_lock = threading.Lock()
+    Binds are named ``p_<name>`` (filled from a mapping) or ``v0``, ``v1``, ... (filled in
+    order: :meth:`Driver.execute_flat`, :meth:`Driver.executemany`).
+    """
 
+    __slots__ = ("_compiled", "_lock", "build", "name")
 
-def compile_statement(name: str, build: StatementBuilder, dialect: Dialect) -> CompiledStatement:
-    """Build and compile a statement once per dialect and driver (thread-safe, cached)."""
-    cache_key = (name, dialect.name, dialect.driver)
-    found = _compiled.get(cache_key)
-    if found is not None:
+    def __init__(self, name: str, build: Callable[[Dialect], ClauseElement]) -> None:
+        self.name = name
+        self.build = build
+        self._compiled: dict[tuple[str, str], CompiledStatement] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Statement({self.name!r})"
+
+    def compiled(self, dialect: Dialect) -> CompiledStatement:
+        """This statement for ``dialect`` (built and compiled on first use)."""
+        cache_key = (dialect.name, dialect.driver)
+        found = self._compiled.get(cache_key)
+        if found is not None:
+            return found
+        with self._lock:
+            found = self._compiled.get(cache_key)
+            if found is None:
+                found = self._compiled[cache_key] = self._compile(dialect)
         return found
-    with _compiled_lock:
-        found = _compiled.get(cache_key)
-        if found is None:
-            compiled = build(dialect).compile(dialect=dialect)
-            assert isinstance(compiled, SQLCompiler)
-            constants = {}
-            for key, bind in compiled.binds.items():
-                if bind.unique:
-                    if bind.value is None:
-                        raise RuntimeError(f"statement {name}: bind {key!r} has no name or value")
-                    constants[key] = bind.value
-            positional = tuple(compiled.positiontup) if compiled.positiontup is not None else None
-            found = CompiledStatement(compiled.string, positional, constants)
-            _compiled[cache_key] = found
-    return found
+
+    def _compile(self, dialect: Dialect) -> CompiledStatement:
+        compiled = self.build(dialect).compile(dialect=dialect)
+        assert isinstance(compiled, SQLCompiler)
+        constants = {}
+        for key, bind in compiled.binds.items():
+            if bind.unique:
+                if bind.value is None:
+                    raise RuntimeError(f"statement {self.name}: bind {key!r} has no name or value")
+                constants[key] = bind.value
+        positional = tuple(compiled.positiontup) if compiled.positiontup is not None else None
+        return CompiledStatement(compiled.string, positional, constants)
 
 
 def flat_names(n: int) -> tuple[str, ...]:
@@ -126,6 +146,7 @@ def _flat_bound(stmt: CompiledStatement, values: Sequence[Any]) -> Any:
 
 
 def is_sqlite(dialect: Dialect) -> bool:
+    """Whether ``dialect`` is SQLite's."""
     return dialect.name == "sqlite"
 
 
@@ -161,10 +182,9 @@ class Driver:
         #: A COMMIT went through (a batch of a long operation, :meth:`checkpoint`).
         self.committed = False
 
-    def execute(
-        self, name: str, build: StatementBuilder, params: Mapping[str, Any] | None = None
-    ) -> list[Row]:
-        stmt = compile_statement(name, build, self.dialect)
+    def execute(self, statement: Statement, params: Mapping[str, Any] | None = None) -> list[Row]:
+        """Run ``statement`` with ``p_*`` binds from ``params``; its rows (fetched whole)."""
+        stmt = statement.compiled(self.dialect)
         bound = _bound(stmt, params)
         # One cursor for all the statements of this Driver (closed by close()): each result
         # is fetched whole before the next statement runs.
@@ -227,10 +247,10 @@ class Driver:
         if cursor is not None:
             cursor.close()
 
-    def execute_flat(self, name: str, build: StatementBuilder, values: Sequence[Any]) -> list[Row]:
+    def execute_flat(self, statement: Statement, values: Sequence[Any]) -> list[Row]:
         """Run a statement whose binds are named ``v0``, ``v1``, ... (a multi-row ``VALUES`` or
         ``IN`` list) with ``values`` in that order: no dict per row on positional drivers."""
-        stmt = compile_statement(name, build, self.dialect)
+        stmt = statement.compiled(self.dialect)
         bound = _flat_bound(stmt, values)
         cursor = self.dbapi.cursor()
         try:
@@ -239,15 +259,13 @@ class Driver:
         finally:
             cursor.close()
 
-    def executemany(
-        self, name: str, build: StatementBuilder, rows: Sequence[Sequence[Any]]
-    ) -> None:
+    def executemany(self, statement: Statement, rows: Sequence[Sequence[Any]]) -> None:
         """Run a one-row statement whose binds are ``v0``, ``v1``, ... once per row of ``rows``
         (the driver's own batching: SQLite's prepared-statement loop in C, psycopg's pipeline,
         asyncpg's ``executemany``)."""
         if not rows:
             return
-        stmt = compile_statement(name, build, self.dialect)
+        stmt = statement.compiled(self.dialect)
         bound: Any = rows
         if stmt.positional is None or _flat_order(stmt) is not None:
             bound = [_flat_bound(stmt, row) for row in rows]
@@ -283,15 +301,14 @@ class Driver:
         if driver == "asyncpg":
             from sqlalchemy.util import await_only
 
-            raw = self.dbapi._connection  # the asyncpg Connection behind SQLAlchemy's adapter
+            raw = self.dbapi.driver_connection  # the asyncpg Connection behind the adapter
             await_only(raw.copy_records_to_table(table.name, records=rows, columns=columns))
             return True
         return False
 
     def stream(
         self,
-        name: str,
-        build: StatementBuilder,
+        statement: Statement,
         params: Mapping[str, Any] | None = None,
         *,
         size: int = 1000,
@@ -299,7 +316,7 @@ class Driver:
         """Rows of a (big) query in lists of at most ``size``, without holding them all:
         SQLite steps its cursor; PostgreSQL reads through a server-side cursor (``DECLARE``
         / ``FETCH``), which needs a transaction: the caller's or idemstore's own."""
-        stmt = compile_statement(name, build, self.dialect)
+        stmt = statement.compiled(self.dialect)
         bound = _bound(stmt, params)
         cursor = self.dbapi.cursor()
         try:
@@ -333,12 +350,14 @@ class Driver:
         # psycopg and the asyncpg adapter begin implicitly on the first statement.
 
     def commit(self) -> None:
+        """Commit; :attr:`committing` is True while the COMMIT is on its way."""
         self.committing = True
         self.dbapi.commit()
         self.committing = False
         self.committed = True
 
     def rollback(self) -> None:
+        """Roll the transaction back."""
         self.dbapi.rollback()
 
     def checkpoint(self) -> None:
@@ -362,11 +381,11 @@ class Driver:
 
 
 def _sqlite_in_transaction(dbapi: Any) -> bool:
-    # sqlite3.Connection has in_transaction; SQLAlchemy's aiosqlite adapter wraps an
-    # aiosqlite.Connection (which proxies it) in ``_connection``.
+    # sqlite3.Connection has in_transaction; SQLAlchemy's aiosqlite adapter holds an
+    # aiosqlite.Connection (which proxies it) as its public ``driver_connection``.
     if hasattr(dbapi, "in_transaction"):
         return bool(dbapi.in_transaction)
-    return bool(dbapi._connection.in_transaction)
+    return bool(dbapi.driver_connection.in_transaction)
 
 
 #: PostgreSQL's ``lock_not_available``: ``lock_timeout`` ran out (or ``NOWAIT`` found a lock).
@@ -452,85 +471,22 @@ def lock_timeout_error(error: BaseException, busy_timeout_ms: int | None) -> Loc
     )
 
 
-# -- SQLite connection setup ---------------------------------------------------------------
-
-
-def sqlite_connect_pragmas(
-    *, synchronous: str, busy_timeout_ms: int, memory: bool, read_only: bool = False
-) -> list[str]:
-    """The pragmas every idemstore SQLite connection runs when it opens. WAL is switched on
-    for a file opened read-write only: ``read_only`` leaves the journal mode as it is."""
-    level = synchronous.upper()
-    if level not in SQLITE_SYNCHRONOUS:
-        raise ConfigurationError(
-            f"synchronous must be one of {', '.join(SQLITE_SYNCHRONOUS)}, not {synchronous!r}"
-        )
-    if busy_timeout_ms < 0:
-        raise ConfigurationError(f"busy_timeout_ms must be >= 0, not {busy_timeout_ms}")
-    pragmas = [f"PRAGMA busy_timeout = {int(busy_timeout_ms)}", "PRAGMA foreign_keys = ON"]
-    if not memory and not read_only:
-        pragmas.append("PRAGMA journal_mode = WAL")
-    pragmas.append(f"PRAGMA synchronous = {level}")
-    return pragmas
-
-
-def install_sqlite_listeners(
-    engine: sa.Engine,
-    *,
-    synchronous: str,
-    busy_timeout_ms: int,
-    memory: bool,
-    read_only: bool = False,
-) -> None:
-    """Make every connection of ``engine`` use idemstore's SQLite settings, and make
-    SQLAlchemy transactions real ones that begin with ``BEGIN IMMEDIATE``.
-
-    The driver's own implicit transactions are turned off (``isolation_level = None``), the
-    recipe in SQLAlchemy's pysqlite/aiosqlite documentation, so that a ``Connection.begin()``
-    takes the write lock up front instead of upgrading a deferred read.
-    """
-    pragmas = sqlite_connect_pragmas(
-        synchronous=synchronous, busy_timeout_ms=busy_timeout_ms, memory=memory, read_only=read_only
-    )
-
-    @sa.event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        try:
-            for pragma in pragmas:
-                cursor.execute(pragma)
-        finally:
-            cursor.close()
-
-    @sa.event.listens_for(engine, "begin")
-    def _on_begin(conn: sa.Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-
-# -- PostgreSQL connection setup -----------------------------------------------------------
-
-
-def postgresql_lock_timeout(busy_timeout_ms: int) -> str:
-    """The ``SET lock_timeout`` every PostgreSQL connection of an idemstore engine runs when it
-    opens: a statement waits at most ``busy_timeout_ms`` for a lock (a row of the same key
-    that another transaction holds), as SQLite's busy timeout bounds its wait for the write
-    lock. 0 gives up at once as on SQLite (PostgreSQL's own 0 would mean no limit: 1 ms)."""
-    if busy_timeout_ms < 0:
-        raise ConfigurationError(f"busy_timeout_ms must be >= 0, not {busy_timeout_ms}")
-    return f"SET lock_timeout = {max(1, int(busy_timeout_ms))}"
-
-
-def install_postgresql_listeners(engine: sa.Engine, *, busy_timeout_ms: int) -> None:
-    """Set ``lock_timeout`` once per connection of ``engine`` when it opens (nothing per
-    operation). Works for psycopg and for the asyncpg adapter alike."""
-    statement = postgresql_lock_timeout(busy_timeout_ms)
-
-    @sa.event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute(statement)
-        finally:
-            cursor.close()
-        dbapi_connection.commit()  # a SET in a transaction that rolls back is undone
+@contextmanager
+def translated_errors(dialect: Dialect, busy_timeout_ms: int | None) -> Iterator[None]:
+    """Lock timeouts (SQLite's busy timeout, PostgreSQL's ``lock_timeout``) become
+    :class:`LockTimeoutError`; other driver errors are wrapped as SQLAlchemy wraps them
+    (``sqlalchemy.exc.DBAPIError`` subclasses, ``.orig`` the driver's), so callers catch one
+    family whichever path ran the statement."""
+    try:
+        yield
+    except Exception as error:
+        if is_lock_timeout(error):
+            raise lock_timeout_error(error, busy_timeout_ms) from error
+        if is_nul_in_text(error):
+            raise InvalidInputError(
+                "text containing NUL (\\x00) cannot be stored in PostgreSQL; nothing was written"
+            ) from error
+        driver_error = dialect.loaded_dbapi.Error
+        if isinstance(error, driver_error) and not isinstance(error, sa_exc.DBAPIError):
+            raise sa_exc.DBAPIError.instance(None, None, error, driver_error) from error
+        raise

@@ -28,9 +28,9 @@ import sqlalchemy as sa
 from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
-from . import ops
-from ._runner import ConnectionSource, run_owned
-from .errors import StoreClosedError
+from ..errors import StoreClosedError
+from .ops import Call
+from .runner import ConnectionSource, run_owned
 
 T = TypeVar("T")
 
@@ -70,7 +70,7 @@ class GreenletTasks:
         task.add_done_callback(self._tasks.discard)
         return await result
 
-    async def run_call(self, call: ops.Call[T], busy_timeout_ms: int | None) -> T:
+    async def run_call(self, call: Call[T], busy_timeout_ms: int | None) -> T:
         """An operation in a transaction of its own."""
         return await self.run(run_owned, self._engine, call, busy_timeout_ms)
 
@@ -168,11 +168,11 @@ class WorkerThreads:
             self._queue.put((fn, args, loop, future))
         return await future
 
-    async def run_call(self, call: ops.Call[T], busy_timeout_ms: int | None) -> T:
+    async def run_call(self, call: Call[T], busy_timeout_ms: int | None) -> T:
         """An operation in a transaction of its own, on the thread's connection."""
         return await self.run(self._run_call, call, busy_timeout_ms)
 
-    def _run_call(self, call: ops.Call[T], busy_timeout_ms: int | None) -> T:
+    def _run_call(self, call: Call[T], busy_timeout_ms: int | None) -> T:
         source: _HeldConnection = self._local.source
         return run_owned(self._engine, call, busy_timeout_ms, source)
 

@@ -1,0 +1,364 @@
+"""The bench's harness: what one run measures (settings, the workloads and their constants),
+how (variants taking turns in short chunks, rounds, medians), and what it yields (figures, and
+ratios to a baseline measured in the same rounds)."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+from ..defaults import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_SYNCHRONOUS
+from ..model import Outcome, TenantContext
+
+if TYPE_CHECKING:
+    from ..aio import AsyncIdempotencyStore
+    from ..store import IdempotencyStore
+
+SECTIONS: Final = ("ops", "json", "growth", "concurrency", "import")
+GROWTH_SIZES: Final = (10_000, 100_000, 1_000_000)
+JSON_RECORDS: Final = 100_000
+IMPORT_RECORDS: Final = 100_000
+#: Issue 3: a 100,000-record file imports at this rate or more.
+IMPORT_TARGET_RATE: Final = 50_000
+#: A figure measured for less than this, or over fewer operations, is flagged.
+TRUST_SECONDS: Final = 0.5
+TRUST_OPS: Final = 200
+#: Each JSON-file operation rewrites the whole file: a few, each seconds long, are enough.
+JSON_TRUST_OPS: Final = 3
+#: Per-round ratios spreading more than this around their median are flagged as noisy.
+NOISY_SPREAD: Final = 0.25
+
+OPERATION: Final = "bench.op"
+OWNER: Final = "bench"
+FINGERPRINT: Final = "sha256:request-a"
+OTHER_FINGERPRINT: Final = "sha256:request-b"
+TENANT: Final = TenantContext.explicit_user_workspace("org-bench", "ws-bench", None, "actor")
+OUTCOME: Final = Outcome(
+    outcome_kind="accepted",
+    completed_at_ms=1_700_000_000_000,
+    primary_ref_kind="delivery",
+    primary_ref_id="delivery-1",
+    details={"dedupe_result": "accepted"},
+)
+
+#: SQLite's ``synchronous`` targets: (sync store, async store) reserve vs bare sqlite3.
+SQLITE_TARGETS: Final = {"NORMAL": (0.5, 0.25), "FULL": (0.8, 0.6)}
+GROWTH_TARGET: Final = 0.67
+POSTGRES_CONCURRENCY_TARGET: Final = 0.5
+POSTGRES_CONCURRENCY_TARGET_CONNECTIONS: Final = 8
+JSON_TARGET: Final = 1000.0
+
+WORKLOADS: Final = (
+    "reserve (fresh)",
+    "reserve (duplicate)",
+    "reserve (conflict)",
+    "complete",
+    "get",
+)
+
+
+# -- settings and results ----------------------------------------------------------------
+
+
+@dataclass
+class BenchSettings:
+    """What one run measures, and how long."""
+
+    database_url: str | None = None
+    synchronous: str = DEFAULT_SYNCHRONOUS
+    busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS
+    #: Largest record count: caps the growth sizes, the JSON emulation and the import file.
+    records: int = GROWTH_SIZES[-1]
+    #: Operations per round per figure (a minimum: see ``min_seconds``).
+    ops: int = 1000
+    rounds: int = 3
+    #: A round also runs at least this long.
+    min_seconds: float = 0.3
+    #: Operations timed on the JSON-file emulation.
+    json_ops: int = 3
+    processes: int = 4
+    connections: int = POSTGRES_CONCURRENCY_TARGET_CONNECTIONS
+    concurrency_seconds: float = 2.0
+    sections: tuple[str, ...] = SECTIONS
+    #: Seed keys for duplicates, conflicts, completions and reads.
+    seed_keys: int = 1000
+
+
+@dataclass
+class Figure:
+    section: str
+    workload: str
+    variant: str
+    ops: int
+    seconds: float
+    rate: float
+    p50_us: float | None = None
+    p99_us: float | None = None
+    baseline: str | None = None
+    ratio: float | None = None
+    target: float | None = None
+    met: bool | None = None
+    trusted: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BenchResult:
+    settings: dict[str, Any]
+    figures: list[Figure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings,
+            "figures": [asdict(f) for f in self.figures],
+            "notes": self.notes,
+            "skipped": self.skipped,
+            "targets": [
+                {
+                    "workload": f.workload,
+                    "variant": f.variant,
+                    "ratio": f.ratio,
+                    "target": f.target,
+                    "met": f.met,
+                }
+                for f in self.figures
+                if f.target is not None
+            ],
+        }
+
+    def targets_met(self) -> bool:
+        return all(f.met for f in self.figures if f.target is not None)
+
+
+@dataclass
+class Sample:
+    """One round of one figure."""
+
+    ops: int
+    seconds: float
+    latencies_ns: list[int]
+
+    @property
+    def rate(self) -> float:
+        return self.ops / self.seconds if self.seconds > 0 else 0.0
+
+
+def _percentile(sorted_values: Sequence[int], q: float) -> float:
+    return float(sorted_values[round(q * (len(sorted_values) - 1))])
+
+
+def make_figure(
+    section: str,
+    workload: str,
+    variant: str,
+    samples: Sequence[Sample],
+    *,
+    notes: Sequence[str] = (),
+    min_ops: int = TRUST_OPS,
+) -> Figure:
+    total_ops = sum(s.ops for s in samples)
+    total_seconds = sum(s.seconds for s in samples)
+    latencies = sorted(lat for s in samples for lat in s.latencies_ns)
+    figure = Figure(
+        section=section,
+        workload=workload,
+        variant=variant,
+        ops=total_ops,
+        seconds=round(total_seconds, 4),
+        rate=statistics.median(s.rate for s in samples) if samples else 0.0,
+        p50_us=_percentile(latencies, 0.50) / 1000 if latencies else None,
+        p99_us=_percentile(latencies, 0.99) / 1000 if latencies else None,
+        notes=list(notes),
+    )
+    if total_seconds < TRUST_SECONDS or total_ops < min_ops:
+        figure.trusted = False
+        figure.notes.append(
+            f"too short to trust ({total_ops} ops in {total_seconds:.2f} s; "
+            f"want >= {min_ops} ops and >= {TRUST_SECONDS} s)"
+        )
+    return figure
+
+
+def set_ratio(
+    figure: Figure,
+    baseline: Figure,
+    mine: Sequence[Sample],
+    theirs: Sequence[Sample],
+    target: float | None = None,
+) -> None:
+    """Set ``figure.ratio`` to the median of per-round ratios against ``baseline``."""
+    ratios = [m.rate / t.rate for m, t in zip(mine, theirs, strict=False) if t.rate > 0]
+    if not ratios:
+        return
+    figure.baseline = baseline.variant
+    figure.ratio = statistics.median(ratios)
+    if len(ratios) > 1 and figure.ratio > 0:
+        spread = (max(ratios) - min(ratios)) / figure.ratio
+        if spread > NOISY_SPREAD:
+            figure.notes.append(f"noisy: per-round ratios {min(ratios):.2f}..{max(ratios):.2f}")
+    if not baseline.trusted:
+        figure.trusted = False
+    if target is not None:
+        figure.target = target
+        figure.met = figure.ratio >= target
+
+
+# -- measuring ---------------------------------------------------------------------------
+
+
+#: Operations per turn: variants take turns in chunks this long, so that they share the
+#: machine's (and the disk's) good and bad moments.
+CHUNK: Final = 20
+
+
+def measure_chunk(fn: Callable[[int], object], start: int, count: int, out: list[int]) -> int:
+    """Call ``fn(start) .. fn(start + count - 1)``; append latencies; elapsed ns."""
+    clock = time.perf_counter_ns
+    began = clock()
+    for i in range(start, start + count):
+        t0 = clock()
+        fn(i)
+        out.append(clock() - t0)
+    return clock() - began
+
+
+async def measure_chunk_async(
+    fn: Callable[[int], Awaitable[object]], start: int, count: int, out: list[int]
+) -> int:
+    """:func:`measure_chunk` for a coroutine function, awaited one call at a time."""
+    clock = time.perf_counter_ns
+    began = clock()
+    for i in range(start, start + count):
+        t0 = clock()
+        await fn(i)
+        out.append(clock() - t0)
+    return clock() - began
+
+
+# -- rounds ---------------------------------------------------------------------------------
+
+
+Runner = Callable[[int], object]
+AsyncRunner = Callable[[int], Awaitable[object]]
+W = TypeVar("W")
+
+
+def workloads(
+    reserve: Callable[[str, str], W],
+    complete: Callable[[str], W],
+    get: Callable[[str], W],
+    seeds: Sequence[str],
+    tag: str,
+) -> dict[str, Callable[[int], W]]:
+    """The measured operations, by name, for a sync (W = object) or async (W = Awaitable)
+    store or driver."""
+    n = len(seeds)
+    return {
+        "reserve (fresh)": lambda i: reserve(f"{tag}-{i}", FINGERPRINT),
+        "reserve (duplicate)": lambda i: reserve(seeds[i % n], FINGERPRINT),
+        "reserve (conflict)": lambda i: reserve(seeds[i % n], OTHER_FINGERPRINT),
+        "complete": lambda i: complete(seeds[i % n]),
+        "get": lambda i: get(seeds[i % n]),
+    }
+
+
+def store_sync(store: IdempotencyStore) -> tuple[Any, Any, Any]:
+    return (
+        lambda key, fp: store.reserve(TENANT, OPERATION, key, OWNER, fp),
+        lambda key: store.complete(TENANT, OPERATION, key, OUTCOME),
+        lambda key: store.get(TENANT, OPERATION, key),
+    )
+
+
+def store_async(store: AsyncIdempotencyStore) -> tuple[Any, Any, Any]:
+    return (
+        lambda key, fp: store.reserve(TENANT, OPERATION, key, OWNER, fp),
+        lambda key: store.complete(TENANT, OPERATION, key, OUTCOME),
+        lambda key: store.get(TENANT, OPERATION, key),
+    )
+
+
+@dataclass
+class Variant:
+    name: str
+    baseline: str | None
+    sync: Callable[[str], dict[str, Runner]] | None = None
+    aio: Callable[[str], dict[str, AsyncRunner]] | None = None
+    workloads: tuple[str, ...] = WORKLOADS
+
+
+def run_rounds(
+    variants: Sequence[Variant],
+    loop: asyncio.AbstractEventLoop,
+    settings: BenchSettings,
+    workloads: Sequence[str],
+    label: str,
+) -> dict[tuple[str, str], list[Sample]]:
+    """Per round and workload, the variants take turns in chunks of :data:`CHUNK` operations
+    until each has run at least ``settings.ops`` operations and ``settings.min_seconds``."""
+    samples: dict[tuple[str, str], list[Sample]] = {}
+    min_ns = int(settings.min_seconds * 1e9)
+    for round_ in range(settings.rounds):
+        for workload in workloads:
+            taking = [v for v in variants if workload in v.workloads]
+            shift = round_ % len(taking)
+            taking = taking[shift:] + taking[:shift]
+            runners: list[Any] = []
+            for variant in taking:
+                tag = f"{label}-{variant.name}-{round_}"
+                if variant.sync is not None:
+                    runners.append(variant.sync(tag)[workload])
+                else:
+                    assert variant.aio is not None
+                    runners.append(variant.aio(tag)[workload])
+            latencies: list[list[int]] = [[] for _ in taking]
+            elapsed = [0] * len(taking)
+            done = 0
+            while done < settings.ops or min(elapsed) < min_ns:
+                count = min(CHUNK, max(1, settings.ops - done)) if done < settings.ops else CHUNK
+                for n, variant in enumerate(taking):
+                    if variant.sync is not None:
+                        elapsed[n] += measure_chunk(runners[n], done, count, latencies[n])
+                    else:
+                        elapsed[n] += loop.run_until_complete(
+                            measure_chunk_async(runners[n], done, count, latencies[n])
+                        )
+                done += count
+            for n, variant in enumerate(taking):
+                sample = Sample(done, elapsed[n] / 1e9, latencies[n])
+                samples.setdefault((workload, variant.name), []).append(sample)
+    return samples
+
+
+def figures_from(
+    section: str,
+    variants: Sequence[Variant],
+    samples: Mapping[tuple[str, str], list[Sample]],
+    targets: Mapping[tuple[str, str], float],
+) -> list[Figure]:
+    figures: dict[tuple[str, str], Figure] = {}
+    for (workload, name), rounds in samples.items():
+        figures[(workload, name)] = make_figure(section, workload, name, rounds)
+    for variant in variants:
+        if variant.baseline is None:
+            continue
+        for workload in variant.workloads:
+            mine = figures.get((workload, variant.name))
+            base = figures.get((workload, variant.baseline))
+            if mine is None or base is None:
+                continue
+            set_ratio(
+                mine,
+                base,
+                samples[(workload, variant.name)],
+                samples[(workload, variant.baseline)],
+                targets.get((workload, variant.name)),
+            )
+    order = {name: i for i, name in enumerate(v.name for v in variants)}
+    return sorted(figures.values(), key=lambda f: (WORKLOADS.index(f.workload), order[f.variant]))

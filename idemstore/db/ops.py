@@ -1,0 +1,245 @@
+"""Every operation of the store, written once.
+
+Each public function checks its arguments (:mod:`idemstore.rules`, raising before anything is
+written) and returns a :class:`Call`: whether it writes, and a synchronous function over a
+:class:`~idemstore.db.driver.Driver`. The sync store runs it directly, the async store in one
+hop (a worker thread, or SQLAlchemy's greenlet bridge), both also inside a caller's
+transaction (:mod:`idemstore.db.runner`). The SQL is in :mod:`idemstore.db.statements`; rows
+become records in :mod:`idemstore.db.codec`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, Literal, TypeVar
+
+from .. import rules
+from ..errors import InvalidInputError
+from ..ids import idempotency_record_id
+from ..model import (
+    Conflict,
+    Duplicate,
+    IdempotencyRecord,
+    Outcome,
+    RecordStatus,
+    Reservation,
+    Reserved,
+    Stats,
+    TenantContext,
+)
+from ..rules import DEFAULT_PURGE_BATCH
+from . import statements as S
+from .codec import FINGERPRINT, TOKEN, encode_u64, record_from_row
+from .driver import Driver
+
+T = TypeVar("T")
+Mode = Literal["read", "write"]
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[T]):
+    """One operation, ready to run: ``mode`` says which transaction it needs."""
+
+    mode: Mode
+    run: Callable[[Driver], T]
+
+
+def _fingerprints(d: Driver, record_id: str) -> list[str]:
+    return [row[0] for row in d.execute(S.FINGERPRINTS_SELECT, {"p_record_id": record_id})]
+
+
+def fresh_record(
+    tenant: TenantContext,
+    operation: str,
+    key: str,
+    owner: str,
+    request_fingerprint: str,
+    now: int,
+    *,
+    first_seen_event_id: str | None = None,
+    expires_at_ms: int | None = None,
+) -> IdempotencyRecord:
+    """The record a reservation writes when it creates a key (inputs already checked)."""
+    return IdempotencyRecord(
+        record_id=idempotency_record_id(tenant, operation, key),
+        tenant_context=tenant,
+        operation=operation,
+        key=key,
+        owner=owner,
+        request_fingerprint=request_fingerprint,
+        status=RecordStatus.RESERVED,
+        first_seen_at_ms=now,
+        last_seen_at_ms=now,
+        first_seen_event_id=first_seen_event_id,
+        expires_at_ms=expires_at_ms,
+    )
+
+
+def reserve(
+    tenant: TenantContext,
+    operation: str,
+    key: str,
+    owner: str,
+    request_fingerprint: str,
+    *,
+    first_seen_event_id: str | None = None,
+    expires_at_ms: int | None = None,
+    now_ms: int | None = None,
+) -> Call[Reservation]:
+    """Reserve a key: one upsert whose CASE expressions are the Rust reserve's four branches.
+
+    Raises :class:`~idemstore.InvalidInputError` for a blank key, operation, owner or
+    fingerprint (the Rust messages) or a value out of range."""
+    key = rules.non_empty(key, "idempotency key")
+    operation = rules.non_empty(operation, "idempotency operation")
+    owner = rules.non_empty(owner, "idempotency owner")
+    fingerprint = rules.non_empty(request_fingerprint, "idempotency fingerprint")
+    tenant = rules.tenant(tenant)
+    rules.optional_str(first_seen_event_id, "first_seen_event_id")
+    if expires_at_ms is not None:
+        rules.u64(expires_at_ms, "expires_at_ms")
+    fresh = fresh_record(
+        tenant,
+        operation,
+        key,
+        owner,
+        fingerprint,
+        rules.now_or(now_ms),
+        first_seen_event_id=first_seen_event_id,
+        expires_at_ms=expires_at_ms,
+    )
+    record_id = fresh.record_id
+
+    def run(d: Driver) -> Reservation:
+        token = secrets.randbits(63)
+        (row,) = d.execute(S.RESERVE, S.record_params(fresh, token))
+        if row[TOKEN] == token:
+            # This call created the current generation (new, or an expired record replaced):
+            # its conflict history, if any, goes with the old generation.
+            d.execute(S.FINGERPRINTS_DELETE, {"p_record_id": record_id})
+            return Reserved(record_from_row(row))
+        if row[FINGERPRINT] == fingerprint:
+            return Duplicate(record_from_row(row, _fingerprints(d, record_id)))
+        d.execute(S.FINGERPRINTS_INSERT, {"p_record_id": record_id, "p_fingerprint": fingerprint})
+        return Conflict(record_from_row(row, _fingerprints(d, record_id)))
+
+    return Call("write", run)
+
+
+def complete(
+    tenant: TenantContext,
+    operation: str,
+    key: str,
+    outcome: Outcome,
+    *,
+    now_ms: int | None = None,
+) -> Call[IdempotencyRecord | None]:
+    """Set a record of the same tenant to completed with ``outcome``, whatever its status;
+    the record, or None when this tenant has none. Raises
+    :class:`~idemstore.InvalidInputError` for bad arguments (details included)."""
+    operation = rules.non_empty(operation, "idempotency operation")
+    key = rules.non_empty(key, "idempotency key")
+    tenant = rules.tenant(tenant)
+    outcome = rules.outcome(outcome)
+    now = rules.now_or(now_ms)
+    record_id = idempotency_record_id(tenant, operation, key)
+    params = S.complete_params(tenant, record_id, outcome, now)
+
+    def run(d: Driver) -> IdempotencyRecord | None:
+        rows = d.execute(S.COMPLETE, params)
+        if not rows:
+            return None
+        return record_from_row(rows[0], _fingerprints(d, record_id))
+
+    return Call("write", run)
+
+
+def get(tenant: TenantContext, operation: str, key: str) -> Call[IdempotencyRecord | None]:
+    """The record of this tenant, operation and key; None for a blank operation or key."""
+    tenant = rules.tenant(tenant)
+    if not isinstance(operation, str) or not isinstance(key, str):
+        raise InvalidInputError("operation and key must be strings")
+    operation, key = rules.rust_trim(operation), rules.rust_trim(key)
+    record_id = idempotency_record_id(tenant, operation, key)
+    params = S.tenant_params(tenant, record_id)
+
+    def run(d: Driver) -> IdempotencyRecord | None:
+        if not operation or not key:
+            return None
+        rows = d.execute(S.GET, params)
+        if not rows:
+            return None
+        return record_from_row(rows[0], _fingerprints(d, record_id))
+
+    return Call("read", run)
+
+
+def release(
+    tenant: TenantContext, operation: str, key: str, request_fingerprint: str
+) -> Call[bool]:
+    """Delete a record of this tenant while it is still ``reserved`` and the fingerprint
+    matches (the work failed: a retry starts clean). Returns whether a record was deleted."""
+    operation = rules.non_empty(operation, "idempotency operation")
+    key = rules.non_empty(key, "idempotency key")
+    fingerprint = rules.non_empty(request_fingerprint, "idempotency fingerprint")
+    tenant = rules.tenant(tenant)
+    record_id = idempotency_record_id(tenant, operation, key)
+    params = {**S.tenant_params(tenant, record_id), "p_request_fingerprint": fingerprint}
+
+    def run(d: Driver) -> bool:
+        return bool(d.execute(S.RELEASE, params))
+
+    return Call("write", run)
+
+
+def purge_expired(*, now_ms: int | None = None, batch_size: int = DEFAULT_PURGE_BATCH) -> Call[int]:
+    """Delete records whose ``expires_at_ms <= now``, ``batch_size`` per transaction when the
+    store owns the transaction. Returns how many were deleted."""
+    now = rules.now_or(now_ms)
+    params = {"p_now": encode_u64(now), "p_limit": rules.purge_batch(batch_size)}
+
+    def run(d: Driver) -> int:
+        total = 0
+        while True:
+            deleted = len(d.execute(S.PURGE, params))
+            total += deleted
+            if deleted < batch_size:
+                return total
+            d.checkpoint()
+
+    return Call("write", run)
+
+
+def stats() -> Call[Stats]:
+    """Record counts by operation and status."""
+
+    def run(d: Driver) -> Stats:
+        rows = d.execute(S.STATS)
+        return Stats({(op, RecordStatus(status)): int(n) for op, status, n in rows})
+
+    return Call("read", run)
+
+
+def schema_revisions() -> Call[tuple[str, ...]]:
+    """Every row of idemstore's Alembic version table, sorted: one when the database is at a
+    revision, none before the first migration (raises if the version table is missing)."""
+
+    def run(d: Driver) -> tuple[str, ...]:
+        return tuple(sorted(str(row[0]) for row in d.execute(S.SCHEMA_REVISION)))
+
+    return Call("read", run)
+
+
+__all__ = [
+    "Call",
+    "complete",
+    "fresh_record",
+    "get",
+    "purge_expired",
+    "release",
+    "reserve",
+    "schema_revisions",
+    "stats",
+]

@@ -1,0 +1,49 @@
+"""Database -> JSON key file: the export, as the Rust module writes its file (records in key
+order, each under the key it is stored by, through a fsynced temp file and a rename)."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import sqlalchemy as sa
+
+from ..db import bulk
+from ..db.driver import Driver
+from ..db.ops import Call
+from ..store import IdempotencyStore
+from .importer import sync_store
+from .writer import check_writable, write_entries
+
+if TYPE_CHECKING:
+    from ..aio import AsyncIdempotencyStore
+
+__all__ = ["export_call", "export_file", "export_file_async"]
+
+
+def export_call(path: str | os.PathLike[str]) -> Call[int]:
+    """Writing every record to a versioned file, as one read transaction. A path that cannot
+    be written (a directory, a missing folder) is refused here, before any transaction
+    (:class:`InvalidInputError`), as is one that fails while writing."""
+    target = os.fspath(path)
+    check_writable(target)
+
+    def run(d: Driver) -> int:
+        entries = bulk.iter_entries(d)
+        try:
+            return write_entries(target, entries)
+        finally:
+            entries.close()  # its cursor, while the connection is open (also on an error)
+
+    return Call("read", run)
+
+
+def export_file(store: IdempotencyStore | sa.Engine, path: str | os.PathLike[str]) -> int:
+    """Write the whole database as a versioned file the Rust module reads (records in
+    ``record_id`` order, through a fsynced temp file and a rename); the record count."""
+    return sync_store(store).run(export_call(path))
+
+
+async def export_file_async(store: AsyncIdempotencyStore, path: str | os.PathLike[str]) -> int:
+    """:func:`export_file` for the async store, in one hop."""
+    return await store.run(export_call(path))
