@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "tests" / "data" / "sample_versioned.json"
 #: Records of the big file: above the size that gets a progress line (and parse workers).
 BIG_RECORDS = 7_000
-COLUMNS = 60
+COLUMNS = 64
 
 
 def _env() -> dict[str, str]:
@@ -88,7 +88,7 @@ def test_progress_on_a_terminal_and_nothing_on_a_pipe(tmp_path: Path, big_file: 
     last = drawn[-1].strip()
     # Records done, their rate and the time elapsed; the share read; the bar.
     assert last.startswith("[#") and "100.0%" in last, last
-    assert f"{BIG_RECORDS:,} records" in last and "/s" in last and " 0:0" in last, last
+    assert f"{BIG_RECORDS:,} records" in last and "/s" in last and "elapsed 0:0" in last, last
     # Before the end: the time left.
     assert any("ETA" in line for line in drawn[:-1]), drawn
     # The table writes the numbers as the progress line does.
@@ -117,14 +117,14 @@ def test_progress_line_says_records_rate_elapsed_and_time_left() -> None:
     bar = re.match(r"\r\[(#*)(\.*)\] ", drawn)
     assert bar is not None, drawn
     assert len(bar.group(1)) == (len(bar.group(1)) + len(bar.group(2))) // 4  # 25%
-    assert "25.0%  50,000 records  25,000/s  0:02  ETA 0:06" in drawn
+    assert "25.0%  50,000 records  25,000/s  elapsed 0:02  ETA 0:06" in drawn
     now[0] = 102.05
     line(60_000, 30, 100)  # drawn at most every 0.1 s
     assert stream.getvalue() == drawn
     now[0] = 110.0
     line(200_000, 100, 100)
     last = stream.getvalue()[len(drawn) :]
-    assert "100.0%  200,000 records  20,000/s  0:10" in last and "ETA" not in last
+    assert "100.0%  200,000 records  20,000/s  elapsed 0:10" in last and "ETA" not in last
     assert last.endswith("\n")
     line.close()  # ended once only
     assert stream.getvalue().count("\n") == 1

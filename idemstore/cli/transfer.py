@@ -89,7 +89,12 @@ class ProgressLine:
         seconds (without the bar's width decided: see :meth:`__call__`)."""
         fraction = min(1.0, done / total) if total else 1.0
         rate = f"{count(int(records / elapsed))}/s" if elapsed > 0 else "-/s"
-        parts = [f"{fraction:6.1%}", f"{count(records)} records", rate, duration(elapsed)]
+        parts = [
+            f"{fraction:6.1%}",
+            f"{count(records)} records",
+            rate,
+            f"elapsed {duration(elapsed)}",
+        ]
         if fraction < 1.0:
             left = elapsed * (1 - fraction) / fraction if fraction > 0 else None
             parts.append(f"ETA {duration(left)}" if left is not None else "ETA -")
