@@ -117,7 +117,10 @@ def format_report(result: BenchResult) -> str:
     baselines = result.baselines()
     if baselines:
         lines += ["", "baselines (what each ratio is taken to):"]
-        lines += [f"  {name}: {what or name}" for name, what in baselines.items()]
+        lines += [
+            f"  {name}: {what or 'the variant of that name in the table'}"
+            for name, what in baselines.items()
+        ]
     _, notes = _numbered_notes(result)
     skipped = (f"{section}: skipped: {why}" for section, why in result.skipped.items())
     general = [*result.notes, *skipped]

@@ -228,6 +228,9 @@ def cmd_import(args: argparse.Namespace, prestarted: WorkerParse | None = None) 
     status)."""
     reports: list[ImportReport] = []
     failed: list[tuple[str, str]] = []
+    level = logger.level
+    if getattr(args, "verbose", False):
+        logger.setLevel(logging.DEBUG)  # what the import did, file by file (DEBUG lines)
     try:
         _import_files(args, prestarted, reports, failed)
     except BaseException as error:
@@ -235,6 +238,8 @@ def cmd_import(args: argparse.Namespace, prestarted: WorkerParse | None = None) 
         if reason is not None:
             _out(_json_report(args, reports, failed, reason))
         raise
+    finally:
+        logger.setLevel(level)
     if args.json:
         _out(_json_report(args, reports, failed, None))
         return 2 if failed else 0
@@ -288,7 +293,7 @@ def _import_files(
                 if progress is not None:
                     progress.close()
             seconds = time.perf_counter() - began
-            logger.info(
+            logger.debug(
                 "%s: %s in %.2f s in all (%.2f s of it outside the records: starting the "
                 "parse, opening the transaction, committing)",
                 path,

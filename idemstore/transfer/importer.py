@@ -201,14 +201,14 @@ class _Import:
                 return self.consume(d, parse, check)
 
     def log_start(self, parse: FileParse | WorkerParse, check: bool) -> None:
-        """One line (``idemstore -v import``): the file, its form, who parses it, what the
-        table holds."""
+        """One DEBUG line (``idemstore -v import`` shows it): the file, its form, who parses
+        it, what the table holds. (An import that goes as planned logs nothing at INFO.)"""
         if isinstance(parse, WorkerParse):
             early = " (started before the database layer loaded)" if parse is self.started else ""
             how = f"{parse.worker_count} parse worker process(es){early}"
         else:
             how = "parsed in this process"
-        logger.info(
+        logger.debug(
             "%s: %s bytes, %s form, %s; %s%s",
             self.target,
             f"{self.identity[2]:,}",
@@ -257,7 +257,7 @@ class _Import:
         # Every reader checked its own file; this also covers a change after the last of them.
         check_unchanged(self.target, self.identity)
         report.seconds = time.perf_counter() - began
-        logger.info(
+        logger.debug(
             "%s: %s records in %d batch(es) in %.2f s (%s/s): %.2f s %s, %.2f s waiting for "
             "the parse",
             self.target,
