@@ -1,10 +1,15 @@
 """Alembic environment for idemstore.
 
-The connection comes from ``config.attributes["connection"]`` when idemstore (or a test) runs
-the migrations on a connection it holds (Alembic cookbook); else from ``-x url=...``, else
-``$IDEMSTORE_DATABASE_URL``, else ``sqlite:///idemstore.db``. Async URLs run through
+The connection comes from ``config.attributes["connection"]`` when idemstore (or an
+application's own env.py, through :func:`idemstore.migrate.upgrade`) runs the migrations on a
+connection it holds (Alembic cookbook). Otherwise the URL is, in this order: ``-x url=...``,
+``$IDEMSTORE_DATABASE_URL``, ``sqlalchemy.url`` in the ini, ``sqlite:///idemstore.db``; the
+one used is logged with where it came from (password masked). Async URLs run through
 ``AsyncConnection.run_sync``. Only idemstore's tables are compared by autogenerate, so the
 schema can live beside an application's own.
+
+The ini's logging sections configure logging when the ini has them; a minimal ini
+(``script_location = idemstore:migrations`` and a URL) leaves logging as it is.
 
 Every run takes idemstore's migration lock in its transaction before Alembic reads the version
 table (:func:`idemstore.db.migrate.lock_for_migration`), so that ``alembic upgrade head`` from
@@ -14,18 +19,27 @@ many instances at once is safe too.
 from __future__ import annotations
 
 import asyncio
+import logging
 import logging.config
+import os
 from typing import Any
 
 import sqlalchemy as sa
 from alembic import context
 
-from idemstore.db.engine import create_async_engine, create_engine, resolve_url
+from idemstore.db.engine import create_async_engine, create_engine, resolve_url, safe_url
 from idemstore.db.migrate import lock_for_migration
 from idemstore.db.schema import VERSION_TABLE, metadata
+from idemstore.defaults import DEFAULT_URL, ENV_VAR
 
+logger = logging.getLogger("idemstore")
 config = context.config
-if config.config_file_name is not None and config.attributes.get("connection") is None:
+LOGGING_SECTIONS = ("loggers", "handlers", "formatters")
+if (
+    config.config_file_name is not None
+    and config.attributes.get("connection") is None
+    and all(config.file_config.has_section(name) for name in LOGGING_SECTIONS)
+):
     logging.config.fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 
@@ -47,7 +61,19 @@ def _configure(**kwargs: Any) -> None:
 
 
 def _url() -> sa.URL:
-    return resolve_url(context.get_x_argument(as_dictionary=True).get("url"))
+    """The database: ``-x url=...``, else ``$IDEMSTORE_DATABASE_URL``, else ``sqlalchemy.url``
+    in the ini, else idemstore's default."""
+    given = context.get_x_argument(as_dictionary=True).get("url")
+    source = "-x url"
+    if given is None and os.environ.get(ENV_VAR):
+        given, source = os.environ[ENV_VAR], f"${ENV_VAR}"
+    if given is None:
+        given, source = config.get_main_option("sqlalchemy.url") or None, "sqlalchemy.url"
+    if given is None:
+        given, source = DEFAULT_URL, "the default"
+    url = resolve_url(given)
+    logger.info("database %s (from %s)", safe_url(url), source)
+    return url
 
 
 def run_on(connection: sa.Connection) -> None:

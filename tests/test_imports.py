@@ -100,3 +100,27 @@ def test_cli_help_leaves_the_bench_alone():
             pass
     """
     assert _loaded_after(code, HEAVY) == []
+
+
+def test_dir_lists_the_public_api_only():
+    """``dir(idemstore)`` (what a REPL completes and ``help`` shows) is the public API: no
+    ``TYPE_CHECKING``, ``annotations``, ``importlib`` or submodules, also after the submodules
+    have loaded; ``from idemstore import *`` binds exactly the same names (``__version__``
+    aside, which a star import never binds)."""
+    code = """
+        import json, sys
+        import idemstore, idemstore.model, idemstore.db.engine, idemstore.migrate
+        idemstore.IdempotencyStore  # a name resolved (and cached) on first use
+        before = set(globals())
+        exec("from idemstore import *")
+        star = sorted(set(globals()) - before - {"before"})
+        print(json.dumps({"dir": dir(idemstore), "star": star, "all": idemstore.__all__}))
+    """
+    script = textwrap.dedent(code)
+    out = subprocess.run(
+        [sys.executable, "-c", script], check=True, capture_output=True, text=True
+    ).stdout
+    seen = json.loads(out.strip().splitlines()[0])
+    assert seen["dir"] == sorted({*seen["all"], "__version__"})
+    assert seen["star"] == sorted(seen["all"])
+    assert not {"TYPE_CHECKING", "annotations", "importlib", "model", "db"} & set(seen["dir"])

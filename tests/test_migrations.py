@@ -162,6 +162,25 @@ def test_migrate_from_a_wheel_in_a_clean_venv(tmp_path):
         assert _tables(engine) >= IDEM_TABLES
     finally:
         engine.dispose()
+    # Alembic itself, with the minimal ini the README shows (no logging sections).
+    (workdir / "alembic.ini").write_text(
+        "[alembic]\nscript_location = idemstore:migrations\nsqlalchemy.url = sqlite:///a.db\n",
+        encoding="utf-8",
+    )
+    subprocess.run(
+        [str(env_dir / "bin" / "alembic"), "upgrade", "head"],
+        cwd=workdir,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    engine = sa.create_engine(f"sqlite:///{workdir / 'a.db'}")
+    try:
+        with engine.connect() as conn:
+            found = conn.exec_driver_sql(f"SELECT version_num FROM {VERSION_TABLE}").scalar()
+        assert found == SCHEMA_REVISION
+    finally:
+        engine.dispose()
 
 
 @pytest.mark.parametrize("command", [["stats"], ["get", "op", "k"]])

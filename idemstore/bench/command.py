@@ -23,7 +23,7 @@ from .baselines import psycopg_module
 from .harness import (
     GROWTH_SIZES,
     JSON_RECORDS,
-    POSTGRES_CONCURRENCY_TARGET_CONNECTIONS,
+    POSTGRES_CONNECTIONS,
     SECTIONS,
     TRUST_OPS,
     TRUST_SECONDS,
@@ -136,8 +136,9 @@ def run_bench(settings: BenchSettings, *, log: Callable[[str], None] | None = No
     untrusted = [f for f in result.figures if not f.trusted]
     if untrusted:
         result.notes.append(
-            f"TOO SHORT TO TRUST: {len(untrusted)} figure(s), marked '?' (measured for less "
-            f"than {TRUST_SECONDS} s or {TRUST_OPS} ops in all): raise --ops / --min-seconds"
+            f"{len(untrusted)} figure(s) measured over fewer than {TRUST_OPS} ops or "
+            f"{TRUST_SECONDS} s in all (or against such a baseline), too few to compare: "
+            "raise --ops and --min-seconds, or leave out --quick"
         )
     return result
 
@@ -198,7 +199,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--connections",
         type=_positive_int,
-        default=POSTGRES_CONCURRENCY_TARGET_CONNECTIONS,
+        default=POSTGRES_CONNECTIONS,
         help="PostgreSQL connections (default 8)",
     )
     parser.add_argument(

@@ -1,4 +1,9 @@
-"""The bench's report: a table, Markdown (for the README) or JSON (``BenchResult.to_json``)."""
+"""The bench's report: a table, Markdown (for the README) or JSON (``BenchResult.to_json``).
+
+It reads as a measurement: rates, latencies and ratios, each ratio with the baseline it is
+taken to and what that baseline is, and notes on the figures (numbered in the table). It
+judges nothing: the project's targets are in the README's Performance section, not here.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,9 @@ from collections.abc import Sequence
 
 from .harness import BenchResult, Figure
 
-# -- output ------------------------------------------------------------------------------
+HEADERS = ("section", "figure", "variant", "ops/s", "p50 us", "p99 us", "ratio", "vs", "note")
+#: Columns aligned to the right (numbers).
+NUMERIC = frozenset({3, 4, 5, 6})
 
 
 def _fmt_rate(rate: float) -> str:
@@ -22,68 +29,67 @@ def _fmt_us(value: float | None) -> str:
 def _fmt_ratio(figure: Figure) -> str:
     if figure.ratio is None:
         return ""
-    text = f"{figure.ratio:,.0f}x" if figure.ratio >= 100 else f"{figure.ratio:.2f}"
-    return text
+    return f"{figure.ratio:,.0f}x" if figure.ratio >= 100 else f"{figure.ratio:.2f}"
 
 
-def _fmt_target(figure: Figure) -> str:
-    if figure.target is None:
-        return ""
-    sign = "ok" if figure.met else "MISSED"
-    target = f"{figure.target:,.0f}x" if figure.target >= 100 else f"{figure.target:.2f}"
-    return f">= {target} {sign}"
+def _numbered_notes(result: BenchResult) -> tuple[list[str], list[str]]:
+    """Per figure its note mark (``[n]``, or empty), and the numbered notes' lines."""
+    marks: list[str] = []
+    lines: list[str] = []
+    for f in result.figures:
+        if f.notes:
+            n = len(lines) + 1
+            marks.append(f"[{n}]")
+            lines.append(f"[{n}] {f.workload}, {f.variant}: " + "; ".join(f.notes))
+        else:
+            marks.append("")
+    return marks, lines
 
 
-def format_table(result: BenchResult) -> str:
-    headers = ("section", "figure", "variant", "ops/s", "p50 us", "p99 us", "ratio", "target")
-    rows = [
+def _rows(result: BenchResult, marks: Sequence[str]) -> list[tuple[str, ...]]:
+    return [
         (
             f.section,
             f.workload,
-            f.variant + ("" if f.trusted else " ?"),
+            f.variant,
             _fmt_rate(f.rate),
             _fmt_us(f.p50_us),
             _fmt_us(f.p99_us),
             _fmt_ratio(f),
-            _fmt_target(f),
+            f.baseline if f.ratio is not None and f.baseline else "",
+            mark,
         )
-        for f in result.figures
+        for f, mark in zip(result.figures, marks, strict=True)
     ]
-    widths = [
-        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
-    ]
-    right = {3, 4, 5, 6}
+
+
+def format_table(result: BenchResult) -> str:
+    """The figures as an aligned text table (note marks refer to :func:`format_report`'s
+    notes)."""
+    rows = _rows(result, _numbered_notes(result)[0])
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(HEADERS)]
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(
-            c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(cells)
+            c.rjust(widths[i]) if i in NUMERIC else c.ljust(widths[i]) for i, c in enumerate(cells)
         ).rstrip()
 
-    out = [line(headers), line(["-" * w for w in widths])]
-    out += [line(r) for r in rows]
-    return "\n".join(out)
+    return "\n".join([line(HEADERS), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
 def format_markdown(result: BenchResult) -> str:
-    """The table as Markdown (for the README)."""
-    headers = ("section", "figure", "variant", "ops/s", "p50 µs", "p99 µs", "ratio", "target")
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * 3 + "---:|" * 4 + "---|"]
-    for f in result.figures:
-        cells = (
-            f.section,
-            f.workload,
-            f.variant + ("" if f.trusted else " (too short to trust)"),
-            _fmt_rate(f.rate),
-            _fmt_us(f.p50_us),
-            _fmt_us(f.p99_us),
-            _fmt_ratio(f) + (f" vs {f.baseline}" if f.baseline and f.ratio is not None else ""),
-            _fmt_target(f),
-        )
-        lines.append("| " + " | ".join(cells) + " |")
+    """The table as Markdown (for the README), the notes under it."""
+    marks, notes = _numbered_notes(result)
+    headers = [h.replace(" us", " µs") for h in HEADERS]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * 3 + "---:|" * 4 + "---|" * 2]
+    lines += ["| " + " | ".join(cells) + " |" for cells in _rows(result, marks)]
+    if notes:
+        lines += ["", *(f"{note}  " for note in notes)]
     return "\n".join(lines)
 
 
 def format_report(result: BenchResult) -> str:
+    """The whole report: settings, the table, what each baseline is, the notes."""
     s = result.settings
     lines = [f"idemstore bench: {s['database']}"]
     if "sqlite" in s:
@@ -102,25 +108,24 @@ def format_report(result: BenchResult) -> str:
         )
     lines.append(
         f"run: {s['rounds']} interleaved rounds, each >= {s['ops_per_round_min']} ops and "
-        f">= {s['min_seconds_per_round']} s; ratio = median of per-round ratios; "
-        f"growth sizes {s['growth_sizes']}; {s['cpus']} CPUs; Python {s['versions']['python']}, "
+        f">= {s['min_seconds_per_round']} s; ratio = the variant's rate / the rate of the "
+        f"baseline it is shown vs, median of per-round ratios; growth sizes "
+        f"{s['growth_sizes']}; {s['cpus']} CPUs; Python {s['versions']['python']}, "
         f"SQLAlchemy {s['versions']['sqlalchemy']}"
     )
-    lines += ["", format_table(result), ""]
-    for f in result.figures:
-        for note in f.notes:
-            if not note.startswith("too short to trust"):
-                lines.append(f"- {f.section} / {f.workload} / {f.variant}: {note}")
-    for note in result.notes:
-        lines.append(f"- {note}")
-    for section, reason in result.skipped.items():
-        lines.append(f"- {section}: skipped: {reason}")
-    targets = [f for f in result.figures if f.target is not None]
-    if targets:
-        met = sum(1 for f in targets if f.met)
-        shaky = sum(1 for f in targets if not f.trusted)
-        lines.append(
-            f"targets: {met}/{len(targets)} met"
-            + (f" ({shaky} of them from figures too short to trust)" if shaky else "")
-        )
+    lines += ["", format_table(result)]
+    baselines = result.baselines()
+    if baselines:
+        lines += ["", "baselines (what each ratio is taken to):"]
+        lines += [
+            f"  {name}: {what or 'the variant of that name in the table'}"
+            for name, what in baselines.items()
+        ]
+    _, notes = _numbered_notes(result)
+    skipped = (f"{section}: skipped: {why}" for section, why in result.skipped.items())
+    general = [*result.notes, *skipped]
+    if notes or general:
+        lines += ["", "notes:"]
+        lines += [f"  {note}" for note in notes]
+        lines += [f"  - {note}" for note in general]
     return "\n".join(lines)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from ..defaults import is_postgresql_text
 from ..errors import IdemstoreError
+from .database import database_error
 from .parser import build_parser
 
 if TYPE_CHECKING:
@@ -56,19 +57,6 @@ def prestart(argv: Sequence[str]) -> WorkerParse | None:
         workers=args.workers,
         forbid_nul=is_postgresql_text(args.database_url),
     )
-
-
-def _database_error(error: Exception, url: str | None) -> str | None:
-    """The one line for a driver error (SQLAlchemy's wrapper), secrets masked; None for any
-    other error."""
-    exc = sys.modules.get("sqlalchemy.exc")  # loaded if such an error can have happened
-    if exc is None or not isinstance(error, exc.DBAPIError):
-        return None
-    from ..db.engine import redact, resolve_url, safe_url
-
-    resolved = resolve_url(url)
-    reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
-    return f"idemstore: database error on {safe_url(resolved)}: {redact(reason, resolved)}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,10 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("idemstore: interrupted", file=sys.stderr)
         return 130
     except Exception as error:
-        line = _database_error(error, args.database_url)
+        line = database_error(error, args.database_url)
         if line is None:
             raise
-        print(line, file=sys.stderr)
+        print(f"idemstore: {line}", file=sys.stderr)
         return 2
     finally:
         if started is not None:

@@ -36,6 +36,19 @@ def database_name(args: argparse.Namespace) -> str:
     return safe_url(resolve_url(args.database_url))
 
 
+def database_error(error: BaseException, url: str | None) -> str | None:
+    """For a driver error (SQLAlchemy's wrapper): ``database error on URL: reason``, one line,
+    secrets masked; None for any other error."""
+    exc = sys.modules.get("sqlalchemy.exc")  # loaded if such an error can have happened
+    if exc is None or not isinstance(error, exc.DBAPIError):
+        return None
+    from ..db.engine import redact, resolve_url, safe_url
+
+    resolved = resolve_url(url)
+    reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
+    return f"database error on {safe_url(resolved)}: {redact(reason, resolved)}"
+
+
 def _tenant(args: argparse.Namespace) -> TenantContext:
     return TenantContext(
         args.org, args.workspace, args.deployment, args.actor, TenantSource(args.source)

@@ -1,5 +1,6 @@
-"""The transfer commands, ``import`` and ``export``, and their printing: the progress bar, the
-report table, the lines about id mismatches, kept records and unknown fields.
+"""The transfer commands, ``import`` and ``export``, and their printing: the progress line,
+the report table, the lines about id mismatches, kept records and unknown fields, the JSON
+report (also when an import fails).
 
 The importer (and with it SQLAlchemy) is imported when a command runs, not when this module is
 (see :mod:`idemstore.cli.parser`).
@@ -9,36 +10,121 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Final
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Final, TextIO
 
 from ..errors import IdemstoreError
-from .database import open_store
+from .database import database_error, open_store
 
 if TYPE_CHECKING:
-    from ..transfer.importer import ImportReport, Progress
+    from ..transfer.importer import ImportReport
     from ..transfer.parse import WorkerParse
 
-#: Files at least this big get a progress bar on a terminal.
+logger = logging.getLogger("idemstore.import")
+
+#: Files at least this big get a progress line on a terminal.
 PROGRESS_MIN_BYTES: Final = 8 << 20
+#: The progress line is drawn again at most this often (seconds), and at the end.
+PROGRESS_EVERY: Final = 0.1
 _COUNTS: Final = ("read", "inserted", "unchanged", "kept", "replaced", "id_mismatches")
 
 
-def _bar(stream: Any) -> Progress:
-    def show(records: int, done: int, total: int) -> None:
-        fraction = done / total if total else 1.0
-        width = 30
-        filled = int(width * fraction)
-        stream.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {fraction:6.1%} {records:>10,} records"
-        )
-        if done >= total:
-            stream.write("\n")
-        stream.flush()
+def count(n: int) -> str:
+    """A count as the command prints it everywhere (the table, the progress line, the log)."""
+    return f"{n:,}"
 
-    return show
+
+def duration(seconds: float) -> str:
+    """``m:ss`` (``h:mm:ss`` from an hour on)."""
+    whole = int(seconds + 0.5)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _terminal_columns(stream: TextIO) -> int:
+    """The width of the terminal ``stream`` writes to ($COLUMNS if that says otherwise; 80 if
+    neither says)."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(stream.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns if columns > 0 else 80
+
+
+class ProgressLine:
+    """The import's progress on a terminal, one line drawn over itself: a bar as wide as the
+    terminal leaves room for, the share of the file read, records done, their rate, the time
+    elapsed and, until the end, the time left (from the share of the file still to read).
+
+    Called as the importer's ``progress(records, bytes_read, bytes_total)``; :meth:`close`
+    ends the line (also when the import fails, so that the error starts a line of its own).
+    """
+
+    def __init__(
+        self,
+        stream: TextIO,
+        *,
+        columns: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._stream = stream
+        self._columns = columns
+        self._clock = clock
+        self._began = clock()
+        self._drawn_at: float | None = None
+        self._open = False
+
+    def text(self, records: int, done: int, total: int, elapsed: float) -> str:
+        """The line for ``records`` done, ``done`` of ``total`` bytes read, after ``elapsed``
+        seconds (without the bar's width decided: see :meth:`__call__`)."""
+        fraction = min(1.0, done / total) if total else 1.0
+        rate = f"{count(int(records / elapsed))}/s" if elapsed > 0 else "-/s"
+        parts = [
+            f"{fraction:6.1%}",
+            f"{count(records)} records",
+            rate,
+            f"elapsed {duration(elapsed)}",
+        ]
+        if fraction < 1.0:
+            left = elapsed * (1 - fraction) / fraction if fraction > 0 else None
+            parts.append(f"ETA {duration(left)}" if left is not None else "ETA -")
+        return "  ".join(parts)
+
+    def __call__(self, records: int, done: int, total: int) -> None:
+        now = self._clock()
+        finished = done >= total
+        if not finished and self._drawn_at is not None and now - self._drawn_at < PROGRESS_EVERY:
+            return
+        self._drawn_at = now
+        text = self.text(records, done, total, now - self._began)
+        columns = self._columns or _terminal_columns(self._stream)
+        width = max(0, min(40, columns - len(text) - 4))
+        fraction = min(1.0, done / total) if total else 1.0
+        bar = f"[{'#' * int(width * fraction)}{'.' * (width - int(width * fraction))}] "
+        line = (bar if width >= 10 else "") + text
+        self._stream.write("\r" + line[: columns - 1].ljust(columns - 1))
+        self._open = True
+        if finished:
+            self.close()
+        else:
+            self._stream.flush()
+
+    def close(self) -> None:
+        """End the line, if one is drawn."""
+        if self._open:
+            self._stream.write("\n")
+            self._stream.flush()
+            self._open = False
 
 
 def _table(reports: Sequence[ImportReport], totals: dict[str, int]) -> str:
@@ -49,8 +135,8 @@ def _table(reports: Sequence[ImportReport], totals: dict[str, int]) -> str:
             [
                 r.path,
                 r.form,
-                *(str(getattr(r, c)) for c in _COUNTS),
-                str(r.records_with_unknown_fields),
+                *(count(getattr(r, c)) for c in _COUNTS),
+                count(r.records_with_unknown_fields),
             ]
         )
     if len(reports) > 1:
@@ -58,8 +144,8 @@ def _table(reports: Sequence[ImportReport], totals: dict[str, int]) -> str:
             [
                 "(total)",
                 "",
-                *(str(totals[c]) for c in _COUNTS),
-                str(totals["records_with_unknown_fields"]),
+                *(count(totals[c]) for c in _COUNTS),
+                count(totals["records_with_unknown_fields"]),
             ]
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -103,57 +189,119 @@ def _err(text: str) -> None:
     sys.stderr.write(text + "\n")
 
 
+def _failure(error: BaseException, url: str | None) -> str | None:
+    """The reason an import stopped, as the command's error line says it; None for an error
+    that is not one of its failures (a bug: its traceback tells)."""
+    if isinstance(error, IdemstoreError):
+        return str(error)
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    return database_error(error, url)
+
+
+def _json_report(
+    args: argparse.Namespace,
+    reports: Sequence[ImportReport],
+    failed: Sequence[tuple[str, str]],
+    error: str | None,
+) -> str:
+    totals = {c: sum(getattr(r, c) for r in reports) for c in _COUNTS}
+    totals["records_with_unknown_fields"] = sum(r.records_with_unknown_fields for r in reports)
+    payload = {
+        "dry_run": args.dry_run,
+        "files": [r.as_json() for r in reports],
+        "failed": [{"path": p, "error": e} for p, e in failed],
+        "totals": totals,
+        "error": error,
+    }
+    return json.dumps(payload, indent=2, ensure_ascii=False)
+
+
 def cmd_import(args: argparse.Namespace, prestarted: WorkerParse | None = None) -> int:
     """``idemstore import``: each file in one transaction, the report as a table or JSON; exit 2
     if a file of several failed (the others are imported). ``prestarted``: the first file's
-    parse workers, started before the database layer loaded (:func:`idemstore.cli.prestart`)."""
-    from ..transfer.importer import import_call
+    parse workers, started before the database layer loaded (:func:`idemstore.cli.prestart`).
 
+    With ``--json`` the report is printed also when the import stops on an error (a file of
+    one, a database that cannot be opened, an interrupt): ``error`` holds its one line, and the
+    error goes on as it would without ``--json`` (the same line on stderr, the same exit
+    status)."""
     reports: list[ImportReport] = []
     failed: list[tuple[str, str]] = []
+    level = logger.level
+    if getattr(args, "verbose", False):
+        logger.setLevel(logging.DEBUG)  # what the import did, file by file (DEBUG lines)
+    try:
+        _import_files(args, prestarted, reports, failed)
+    except BaseException as error:
+        reason = _failure(error, args.database_url) if args.json else None
+        if reason is not None:
+            _out(_json_report(args, reports, failed, reason))
+        raise
+    finally:
+        logger.setLevel(level)
+    if args.json:
+        _out(_json_report(args, reports, failed, None))
+        return 2 if failed else 0
+    totals = {c: sum(getattr(r, c) for r in reports) for c in _COUNTS}
+    totals["records_with_unknown_fields"] = sum(r.records_with_unknown_fields for r in reports)
+    if args.dry_run:
+        _out("dry run: nothing was written")
+    if reports:
+        _out(_table(reports, totals))
+    for report in reports:
+        for line in _details(report):
+            _out(line)
+    return 2 if failed else 0
+
+
+def _import_files(
+    args: argparse.Namespace,
+    started: WorkerParse | None,
+    reports: list[ImportReport],
+    failed: list[tuple[str, str]],
+) -> None:
+    """Import each of ``args.files`` (appending to ``reports`` and ``failed``); the error of a
+    single file is raised."""
+    from ..transfer.importer import import_call
+
     show_progress = sys.stderr.isatty() and not args.json
-    started = prestarted
     with open_store(args) as store:
         for path in args.files:
             big = os.path.exists(path) and os.path.getsize(path) >= PROGRESS_MIN_BYTES
+            progress = ProgressLine(sys.stderr) if show_progress and big else None
             call = import_call(
                 path,
                 replace=args.replace,
                 strict=args.strict,
                 dry_run=args.dry_run,
-                progress=_bar(sys.stderr) if show_progress and big else None,
+                progress=progress,
                 workers=args.workers,
                 started=started,
             )
             started = None
+            began = time.perf_counter()
             try:
                 report = store.run(call)
             except IdemstoreError as error:
+                failed.append((path, str(error)))
                 if len(args.files) == 1:
                     raise
-                failed.append((path, str(error)))
                 _err(f"idemstore: error: {error} (nothing imported from it)")
                 continue
+            finally:
+                if progress is not None:
+                    progress.close()
+            seconds = time.perf_counter() - began
+            logger.debug(
+                "%s: %s in %.2f s in all (%.2f s of it outside the records: starting the "
+                "parse, opening the transaction, committing)",
+                path,
+                "compared" if args.dry_run else "imported",
+                seconds,
+                max(0.0, seconds - report.seconds),
+            )
             reports.append(report)
-    totals = {c: sum(getattr(r, c) for r in reports) for c in _COUNTS}
-    totals["records_with_unknown_fields"] = sum(r.records_with_unknown_fields for r in reports)
-    if args.json:
-        payload = {
-            "dry_run": args.dry_run,
-            "files": [r.as_json() for r in reports],
-            "failed": [{"path": p, "error": e} for p, e in failed],
-            "totals": totals,
-        }
-        _out(json.dumps(payload, indent=2, ensure_ascii=False))
-    else:
-        if args.dry_run:
-            _out("dry run: nothing was written")
-        if reports:
-            _out(_table(reports, totals))
-        for report in reports:
-            for line in _details(report):
-                _out(line)
-    return 2 if failed else 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -16,11 +16,13 @@ first takes :func:`lock_for_migration` (PostgreSQL: an advisory lock; SQLite: th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -35,6 +37,7 @@ from .schema import SCHEMA_REVISIONS, VERSION_TABLE
 
 if TYPE_CHECKING:
     from alembic.config import Config
+    from alembic.runtime.environment import EnvironmentContext
 
 logger = logging.getLogger("idemstore")
 
@@ -171,16 +174,39 @@ def _prepare(connection: sa.Connection) -> None:
     check_revisions(current_revisions(connection), safe_url(connection.engine.url), migrating=True)
 
 
+@contextlib.contextmanager
+def _outer_alembic_kept() -> Iterator[None]:
+    """Keep an Alembic run that is already going on (an application's ``env.py`` calling
+    :func:`upgrade`) working after idemstore's run nested in it.
+
+    Alembic publishes the running environment and operations as module globals
+    (``alembic.context``, ``alembic.op``); a nested run removes them when it ends, and the
+    outer one then fails as it ends (``KeyError: 'config'``). They are put back here."""
+    from alembic import context as environment_module
+    from alembic import op as operations_module
+
+    modules = (environment_module, operations_module)
+    outer: list[tuple[Any, Any]] = [(m, vars(m).get("_proxy")) for m in modules]
+    try:
+        yield
+    finally:
+        for module, proxy in outer:
+            if proxy is not None and vars(module).get("_proxy") is not proxy:
+                proxy._install_proxy()
+
+
 def upgrade(connection: sa.Connection, revision: str = "head") -> None:
     """Upgrade the database behind ``connection`` (in its transaction) to ``revision``.
 
-    Safe to run from many instances at once (:func:`lock_for_migration`). Raises
+    Safe to run from many instances at once (:func:`lock_for_migration`), and from an
+    application's own Alembic ``env.py`` (see :func:`upgrade_with_app`). Raises
     :class:`SchemaNotReadyError`, changing nothing, when the database is at a revision this
     package does not know or its version table has more than one row."""
     from alembic import command
 
     _prepare(connection)
-    command.upgrade(alembic_config(connection), revision)
+    with _outer_alembic_kept():
+        command.upgrade(alembic_config(connection), revision)
 
 
 def downgrade(connection: sa.Connection, revision: str) -> None:
@@ -189,7 +215,43 @@ def downgrade(connection: sa.Connection, revision: str) -> None:
     from alembic import command
 
     _prepare(connection)
-    command.downgrade(alembic_config(connection), revision)
+    with _outer_alembic_kept():
+        command.downgrade(alembic_config(connection), revision)
+
+
+def upgrade_with_app(context: EnvironmentContext | ModuleType, connection: sa.Connection) -> bool:
+    """From an application's own Alembic ``env.py``, after its ``context.run_migrations()``:
+    when the command is an upgrade (``alembic upgrade ...``, or ``command.upgrade`` from
+    code), upgrade idemstore's schema to its head on the same ``connection``, with
+    idemstore's own version table: in the application's transaction when one is open (with
+    transactional DDL, as on PostgreSQL, Alembic keeps one open), else in one of its own.
+    Other commands (``current``, ``check``, ``revision --autogenerate``, ``downgrade``,
+    ``stamp``) and offline (``--sql``) runs leave idemstore's schema alone.
+
+    ``context``: ``alembic.context`` as ``env.py`` has it, configured. Returns whether it
+    upgraded. Raises :class:`SchemaNotReadyError` as :func:`upgrade` does."""
+    if context.is_offline_mode():
+        return False
+    # The function Alembic's command gave the environment: ``upgrade`` for an upgrade.
+    command = context.get_context().opts.get("fn")
+    if getattr(command, "__name__", None) != "upgrade":
+        return False
+    if connection.in_transaction():
+        upgrade(connection)  # the application's transaction commits it
+    else:
+        # Alembic commits each step itself where DDL is not transactional (SQLite): nothing
+        # would commit this one.
+        with connection.begin():
+            upgrade(connection)
+    return True
+
+
+def exclude_idemstore_tables(name: str | None, type_: str, parent_names: Any) -> bool:
+    """An ``include_name`` hook for an application's ``context.configure(...)``: its
+    autogenerate (``alembic revision --autogenerate``, ``alembic check``) then leaves
+    idemstore's tables and version table alone, which its own migrations manage. Returns
+    False for them, True for every other name."""
+    return not (type_ == "table" and (name or "").startswith("idemstore_"))
 
 
 def migrate_engine(engine: sa.Engine) -> None:

@@ -183,6 +183,7 @@ class _Import:
                 expect=self.identity,
                 forbid_nul=forbid_nul,
             )
+            self.log_start(parse, check)
             try:
                 with parse:
                     return self.consume(d, parse, check)
@@ -199,14 +200,38 @@ class _Import:
             ) as parse:
                 return self.consume(d, parse, check)
 
+    def log_start(self, parse: FileParse | WorkerParse, check: bool) -> None:
+        """One DEBUG line (``idemstore -v import`` shows it): the file, its form, who parses
+        it, what the table holds. (An import that goes as planned logs nothing at INFO.)"""
+        if isinstance(parse, WorkerParse):
+            early = " (started before the database layer loaded)" if parse is self.started else ""
+            how = f"{parse.worker_count} parse worker process(es){early}"
+        else:
+            how = "parsed in this process"
+        logger.debug(
+            "%s: %s bytes, %s form, %s; %s%s",
+            self.target,
+            f"{self.identity[2]:,}",
+            parse.form,
+            how,
+            "the table has records: each batch is compared with them"
+            if check
+            else "the table is empty: batches are inserted without look-ups",
+            "; dry run" if self.dry_run else "",
+        )
+
     def consume(self, d: Driver, parse: FileParse | WorkerParse, check: bool) -> ImportReport:
         """Write the batches of ``parse`` (``check``: compare with what the table has)."""
         began = time.perf_counter()
         total = self.identity[2]
         report = ImportReport(path=self.target, dry_run=self.dry_run, form=parse.form)
         kept: dict[int, list[str]] = {}  # per part of the file, so that they list in file order
+        batches = 0
+        writing = 0.0  # seconds in _flush; the rest is waiting for the parse
         for rows, fingerprints, bytes_read, part in parse:
+            batches += 1
             report.read += len(rows)
+            flushed = time.perf_counter()
             _flush(
                 d,
                 rows,
@@ -217,6 +242,7 @@ class _Import:
                 dry_run=self.dry_run,
                 check=check,
             )
+            writing += time.perf_counter() - flushed
             if self.progress is not None:
                 self.progress(report.read, bytes_read, total)
         report.kept_ids = [k for part in sorted(kept) for k in kept[part]][:REPORT_LIST_LIMIT]
@@ -231,6 +257,18 @@ class _Import:
         # Every reader checked its own file; this also covers a change after the last of them.
         check_unchanged(self.target, self.identity)
         report.seconds = time.perf_counter() - began
+        logger.debug(
+            "%s: %s records in %d batch(es) in %.2f s (%s/s): %.2f s %s, %.2f s waiting for "
+            "the parse",
+            self.target,
+            f"{report.read:,}",
+            batches,
+            report.seconds,
+            f"{report.read / report.seconds:,.0f}" if report.seconds > 0 else "-",
+            writing,
+            "comparing" if self.dry_run else "writing",
+            report.seconds - writing,
+        )
         return report
 
 

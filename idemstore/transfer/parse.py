@@ -492,6 +492,11 @@ class WorkerParse:
             forbid_nul=forbid_nul,
         )
 
+    @property
+    def worker_count(self) -> int:
+        """How many worker processes parse the file (one per part)."""
+        return len(self._workers)
+
     def greet(self) -> bool:
         """Read the workers' greetings: True if all are at work. False if one did not start
         (the caller closes this and parses in-process). With one worker, a file error found
