@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
 import sqlite3
 import subprocess
@@ -565,3 +566,40 @@ def test_read_only_with_migrate_is_refused_before_anything_is_opened(tmp_path):
     with pytest.raises(ConfigurationError, match="read_only"):
         IdempotencyStore.from_url(f"sqlite:///{path}", migrate=True, read_only=True)
     assert not path.exists()
+
+
+def _open_fresh_files_together(directory: str, files: int, barrier: Any) -> int:
+    """Open ``files`` fresh SQLite files one after another, all processes at the same file at
+    once; how many opens failed (each failure printed)."""
+    from idemstore.db.engine import create_engine
+
+    failed = 0
+    for n in range(files):
+        barrier.wait()
+        engine = create_engine(f"sqlite:///{directory}/f{n}.db", busy_timeout_ms=5000)
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+        except Exception as error:  # counted and shown by the test
+            print(f"f{n}: {error}", flush=True)
+            failed += 1
+        finally:
+            engine.dispose()
+    return failed
+
+
+def test_processes_opening_a_fresh_sqlite_file_at_once_all_get_wal(tmp_path):
+    # The first connection switches a fresh file to WAL; SQLite answers another process doing
+    # the same at that moment "database is locked" at once, without its busy handler.
+    processes, files = 4, 150
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Manager().Barrier(processes)
+    with context.Pool(processes) as pool:
+        failed = pool.starmap(
+            _open_fresh_files_together, [(str(tmp_path), files, barrier)] * processes
+        )
+    assert failed == [0] * processes
+    for n in range(files):
+        with sqlite3.connect(tmp_path / f"f{n}.db") as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        conn.close()

@@ -11,6 +11,8 @@ parameter named like a secret.
 from __future__ import annotations
 
 import re
+import sqlite3
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote, quote_plus, unquote
@@ -351,6 +353,27 @@ def sqlite_connect_pragmas(
     return pragmas
 
 
+def run_sqlite_pragma(cursor: Any, pragma: str, busy_timeout_ms: int) -> None:
+    """Run ``pragma``, waiting up to ``busy_timeout_ms`` while the database is locked.
+
+    SQLite's busy handler does not cover the switch of a fresh file to WAL: a process that
+    runs ``PRAGMA journal_mode = WAL`` while another one does gets "database is locked" at
+    once (4 processes opening 150 fresh files together: a few opens failed in every run,
+    ``tests/test_faults_schema.py::test_processes_opening_a_fresh_sqlite_file_at_once_all_get_wal``).
+    So the pragmas wait as a statement would."""
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    delay = 0.001
+    while True:
+        try:
+            cursor.execute(pragma)
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
 def install_sqlite_listeners(
     engine: sa.Engine,
     *,
@@ -376,7 +399,7 @@ def install_sqlite_listeners(
         cursor = dbapi_connection.cursor()
         try:
             for pragma in pragmas:
-                cursor.execute(pragma)
+                run_sqlite_pragma(cursor, pragma, busy_timeout_ms)
         finally:
             cursor.close()
 
