@@ -57,6 +57,10 @@ class AsyncIdempotencyStore:
     Lost connections: as :class:`~idemstore.IdempotencyStore` (a dead connection is discarded;
     an operation that cannot have committed runs again on another; otherwise
     :class:`~idemstore.ConnectionLostError`).
+
+    The errors of every operation: :class:`~idemstore.StoreClosedError`,
+    :class:`~idemstore.SchemaNotReadyError`, :class:`~idemstore.LockTimeoutError`,
+    :class:`~idemstore.ConnectionLostError`, as the sync store's.
     """
 
     def __init__(
@@ -143,6 +147,7 @@ class AsyncIdempotencyStore:
 
     @property
     def engine(self) -> AsyncEngine:
+        """The SQLAlchemy async engine the store was given (or created)."""
         return self._engine
 
     def _check_open(self) -> None:
@@ -232,7 +237,17 @@ class AsyncIdempotencyStore:
         ttl: Duration | None = None,
         connection: AsyncConnectionLike | None = None,
     ) -> Reservation:
-        """Reserve ``key``: :class:`Reserved`, :class:`Duplicate` or :class:`Conflict`."""
+        """Reserve ``key`` for one request (:meth:`IdempotencyStore.reserve`).
+
+        Parameters: ``tenant``, ``operation``, ``key``, ``owner``, ``request_fingerprint``,
+        ``first_seen_event_id``, ``expires_at_ms`` or ``ttl``, ``lease``, ``now_ms``,
+        ``connection`` (an ``AsyncConnection`` or ``AsyncSession``), as the sync store's.
+
+        Returns :class:`~idemstore.Reserved` ``(record, token)``,
+        :class:`~idemstore.Duplicate` or :class:`~idemstore.Conflict`.
+
+        Raises :class:`~idemstore.InvalidInputError` (bad arguments; nothing written), and the
+        errors of every operation (class docstring)."""
         call = ops.reserve(
             tenant,
             operation,
@@ -258,7 +273,18 @@ class AsyncIdempotencyStore:
         token: str | None = None,
         connection: AsyncConnectionLike | None = None,
     ) -> IdempotencyRecord | None:
-        """Record the outcome; None when this tenant has no such record."""
+        """Store ``outcome`` on the record (:meth:`IdempotencyStore.complete`); with
+        ``token``, only while that reservation still holds the key.
+
+        Parameters: ``tenant``, ``operation``, ``key``, ``outcome``, ``now_ms``, ``token``,
+        ``connection``.
+
+        Returns the completed record, or None when this tenant has no such record (without
+        ``token``).
+
+        Raises :class:`~idemstore.LeaseLostError` (``token`` no longer holds the key; nothing
+        written), :class:`~idemstore.InvalidInputError`, and the errors of every operation
+        (class docstring)."""
         call = ops.complete(tenant, operation, key, outcome, now_ms=now_ms, token=token)
         return await self.run(call, connection=connection)
 
@@ -270,7 +296,14 @@ class AsyncIdempotencyStore:
         *,
         connection: AsyncConnectionLike | None = None,
     ) -> IdempotencyRecord | None:
-        """The record, or None (also for a blank operation or key)."""
+        """The record of ``tenant``, ``operation`` and ``key`` (``connection``: in the
+        caller's transaction).
+
+        Returns the :class:`~idemstore.IdempotencyRecord`, or None (also for a blank
+        operation or key).
+
+        Raises :class:`~idemstore.InvalidInputError`, and the errors of every operation (class
+        docstring)."""
         return await self.run(ops.get(tenant, operation, key), connection=connection)
 
     async def release(
@@ -283,7 +316,17 @@ class AsyncIdempotencyStore:
         token: str | None = None,
         connection: AsyncConnectionLike | None = None,
     ) -> bool:
-        """Delete a still-``reserved`` record whose fingerprint matches; whether it did."""
+        """Delete a record still ``reserved`` with ``request_fingerprint``
+        (:meth:`IdempotencyStore.release`); with ``token``, only while that reservation still
+        holds the key.
+
+        Parameters: ``tenant``, ``operation``, ``key``, ``request_fingerprint``, ``token``,
+        ``connection``.
+
+        Returns whether a record was deleted.
+
+        Raises :class:`~idemstore.InvalidInputError`, and the errors of every operation (class
+        docstring)."""
         call = ops.release(tenant, operation, key, request_fingerprint, token=token)
         return await self.run(call, connection=connection)
 
@@ -298,9 +341,17 @@ class AsyncIdempotencyStore:
         now_ms: int | None = None,
         connection: AsyncConnectionLike | None = None,
     ) -> int:
-        """Extend the lease of the reservation ``token`` names to ``now + lease``; the new
-        ``lease_expires_at_ms``. Raises :class:`~idemstore.LeaseLostError` (nothing written)
-        when the token no longer holds the key."""
+        """Extend the lease of the reservation ``token`` names to ``now + lease``
+        (:meth:`IdempotencyStore.renew`).
+
+        Parameters: ``tenant``, ``operation``, ``key``, ``token``, ``lease`` (``timedelta`` or
+        int ms), ``now_ms``, ``connection``.
+
+        Returns the new ``lease_expires_at_ms``.
+
+        Raises :class:`~idemstore.LeaseLostError` (the token no longer holds the key, or it
+        has an outcome; nothing written), :class:`~idemstore.InvalidInputError`, and the
+        errors of every operation (class docstring)."""
         call = ops.renew(tenant, operation, key, token, lease=lease, now_ms=now_ms)
         return await self.run(call, connection=connection)
 
@@ -352,10 +403,22 @@ class AsyncIdempotencyStore:
         batch_size: int = DEFAULT_PURGE_BATCH,
         connection: AsyncConnectionLike | None = None,
     ) -> int:
-        """Delete records with ``expires_at_ms <= now`` in batches; how many."""
+        """Delete the records whose ``expires_at_ms <= now``, ``batch_size`` per
+        transaction (``now_ms``: default the clock; ``connection``: all in the caller's
+        transaction).
+
+        Returns how many records were deleted.
+
+        Raises :class:`~idemstore.InvalidInputError`, and the errors of every operation (class
+        docstring)."""
         call = ops.purge_expired(now_ms=now_ms, batch_size=batch_size)
         return await self.run(call, connection=connection)
 
     async def stats(self, *, connection: AsyncConnectionLike | None = None) -> Stats:
-        """Record counts by operation and status."""
+        """Record counts by operation and status (``connection``: in the caller's
+        transaction).
+
+        Returns :class:`~idemstore.Stats`.
+
+        Raises the errors of every operation (class docstring)."""
         return await self.run(ops.stats(), connection=connection)
