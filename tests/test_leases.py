@@ -12,6 +12,7 @@ And the migration that adds the column keeps every row, up and down, on both eng
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -21,6 +22,7 @@ import sqlalchemy as sa
 from idemstore import (
     Conflict,
     Duplicate,
+    IdempotencyStore,
     IdemstoreError,
     InvalidInputError,
     LeaseLostError,
@@ -28,6 +30,8 @@ from idemstore import (
     RecordStatus,
     Reserved,
     TenantContext,
+    export_file,
+    import_file,
 )
 from idemstore.db import migrate as idem_migrate
 from tests.conftest import Database
@@ -264,6 +268,34 @@ def test_reserved_matches_with_its_token(store: Any) -> None:
             assert record.key == KEY and isinstance(token, str)
         case _:
             pytest.fail("not Reserved")
+
+
+def test_export_drops_the_lease_and_import_sets_none(database: Database, tmp_path) -> None:
+    store = database.sync_store()
+    try:
+        with_lease = reserve(store, now=T0, lease=100).record
+        store.reserve(tenant(), OP, "plain", "w1", FP, first_seen_event_id="evt-1", now_ms=T0)
+        leased_file, plain_file = tmp_path / "leased.json", tmp_path / "plain.json"
+        export_file(store, leased_file)
+        # the same records as the Rust store would have them (no lease) give the same file
+        store.release(tenant(), OP, KEY, FP)
+        store.reserve(tenant(), OP, KEY, "w1", FP, first_seen_event_id="evt-1", now_ms=T0)
+        export_file(store, plain_file)
+        assert leased_file.read_bytes() == plain_file.read_bytes()
+        assert b"lease" not in leased_file.read_bytes()
+    finally:
+        store.close()
+    fresh = IdempotencyStore.from_url(
+        f"sqlite:///{tmp_path / 'fresh.db'}", migrate=True
+    )  # a new database of the same file's records
+    try:
+        import_file(fresh, leased_file)
+        imported = fresh.get(tenant(), OP, KEY)
+        assert imported == replace(with_lease, lease_expires_at_ms=None)
+        # an imported reservation is never re-claimed (it has no lease)
+        assert isinstance(reserve(fresh, now=T0 + 10**9, owner="w2", lease=5), Duplicate)
+    finally:
+        fresh.close()
 
 
 # -- the migration ------------------------------------------------------------------------------
