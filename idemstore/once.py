@@ -1,6 +1,8 @@
 """Work that runs once: :func:`run_once` (sync store), :func:`run_once_async` (async store)
-and the :func:`idempotent` decorator, on top of the facades' ``reserve``/``renew``/``complete``/
-``release`` (both facades also have them as the method ``run_once``).
+and the :func:`idempotent` decorator, made of the facades' public ``reserve``/``get``/
+``renew``/``complete``/``release`` and nothing else. Both facades offer it as their method
+``run_once``; this module knows them only as the protocols :class:`SyncStore` and
+:class:`AsyncStore`, so the import arrow runs from the facades to it, never back.
 
 What it does with each answer of ``reserve``:
 
@@ -46,15 +48,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from . import rules
 from .errors import ConflictError, InProgressError, InvalidInputError, LeaseLostError
-from .model import Conflict, IdempotencyRecord, Outcome, Reserved, TenantContext
-
-if TYPE_CHECKING:
-    from .aio import AsyncIdempotencyStore
-    from .store import IdempotencyStore
+from .model import Conflict, IdempotencyRecord, Outcome, Reservation, Reserved, TenantContext
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -63,6 +61,125 @@ R = TypeVar("R")
 #: ``work`` of the sync store, and of the async store (an ``Outcome`` or an awaitable of one).
 Work = Callable[[], Outcome]
 AsyncWork = Callable[[], Outcome | Awaitable[Outcome]]
+
+
+class SyncStore(Protocol):
+    """What ``run_once`` uses of :class:`idemstore.IdempotencyStore` (the facades import this
+    module, not the other way round)."""
+
+    def reserve(
+        self,
+        tenant: TenantContext,
+        operation: str,
+        key: str,
+        owner: str,
+        request_fingerprint: str,
+        *,
+        first_seen_event_id: str | None = None,
+        lease: rules.Duration | None = None,
+        ttl: rules.Duration | None = None,
+    ) -> Reservation: ...
+
+    def get(self, tenant: TenantContext, operation: str, key: str) -> IdempotencyRecord | None: ...
+
+    def complete(
+        self,
+        tenant: TenantContext,
+        operation: str,
+        key: str,
+        outcome: Outcome,
+        *,
+        token: str | None = None,
+    ) -> IdempotencyRecord | None: ...
+
+    def release(
+        self,
+        tenant: TenantContext,
+        operation: str,
+        key: str,
+        request_fingerprint: str,
+        *,
+        token: str | None = None,
+    ) -> bool: ...
+
+    def renew(
+        self, tenant: TenantContext, operation: str, key: str, token: str, *, lease: rules.Duration
+    ) -> int: ...
+
+    def run_once(
+        self,
+        tenant: TenantContext,
+        operation: str,
+        key: str,
+        work: Work,
+        *,
+        owner: str,
+        request_fingerprint: str,
+        lease: rules.Duration | None = None,
+        ttl: rules.Duration | None = None,
+        wait: rules.Duration | None = None,
+    ) -> Outcome: ...
+
+
+class AsyncStore(Protocol):
+    """What ``run_once_async`` uses of :class:`idemstore.AsyncIdempotencyStore`."""
+
+    async def reserve(
+        self,
+        tenant: TenantContext,
+        operation: str,
+        key: str,
+        owner: str,
+        request_fingerprint: str,
+        *,
+        first_seen_event_id: str | None = None,
+        lease: rules.Duration | None = None,
+        ttl: rules.Duration | None = None,
+    ) -> Reservation: ...
+
+    async def get(
+        self, tenant: TenantContext, operation: str, key: str
+    ) -> IdempotencyRecord | None: ...
+
+    async def complete(
+        self,
+        tenant: TenantContext,
+        operation: str,
+        key: str,
+        outcome: Outcome,
+        *,
+        token: str | None = None,
+    ) -> IdempotencyRecord | None: ...
+
+    async def release(
+        self,
+        tenant: TenantContext,
+        operation: str,
+        key: str,
+        request_fingerprint: str,
+        *,
+        token: str | None = None,
+    ) -> bool: ...
+
+    async def renew(
+        self, tenant: TenantContext, operation: str, key: str, token: str, *, lease: rules.Duration
+    ) -> int: ...
+
+    async def run_once(
+        self,
+        tenant: TenantContext,
+        operation: str,
+        key: str,
+        work: AsyncWork,
+        *,
+        owner: str,
+        request_fingerprint: str,
+        lease: rules.Duration | None = None,
+        ttl: rules.Duration | None = None,
+        wait: rules.Duration | None = None,
+    ) -> Outcome: ...
+
+
 #: Polls of a live reservation start this far apart (seconds) and double up to the maximum.
 FIRST_POLL_S = 0.02
 MAX_POLL_S = 0.5
@@ -145,7 +262,7 @@ def _release_quietly(release: Callable[[], object], error: BaseException) -> Non
 
 
 def run_once(
-    store: IdempotencyStore,
+    store: SyncStore,
     tenant: TenantContext,
     operation: str,
     key: str,
@@ -208,7 +325,7 @@ def run_once(
 class _Held:
     """One ``run_once`` call's reservation whose lease the renewer keeps alive."""
 
-    store: IdempotencyStore
+    store: SyncStore
     tenant: TenantContext
     operation: str
     key: str
@@ -299,7 +416,7 @@ _RENEWER = _Renewer()
 
 
 def _hold(
-    store: IdempotencyStore,
+    store: SyncStore,
     tenant: TenantContext,
     operation: str,
     key: str,
@@ -332,7 +449,7 @@ def _hold(
 
 
 async def run_once_async(
-    store: AsyncIdempotencyStore,
+    store: AsyncStore,
     tenant: TenantContext,
     operation: str,
     key: str,
@@ -386,7 +503,7 @@ async def run_once_async(
 
 
 async def _hold_async(
-    store: AsyncIdempotencyStore,
+    store: AsyncStore,
     tenant: TenantContext,
     operation: str,
     key: str,
@@ -432,7 +549,7 @@ async def _hold_async(
 
 
 def idempotent(
-    store: IdempotencyStore | AsyncIdempotencyStore,
+    store: SyncStore | AsyncStore,
     tenant: TenantContext,
     operation: str,
     *,
@@ -480,4 +597,12 @@ def idempotent(
     return decorate
 
 
-__all__ = ["AsyncWork", "Work", "idempotent", "run_once", "run_once_async"]
+__all__ = [
+    "AsyncStore",
+    "AsyncWork",
+    "SyncStore",
+    "Work",
+    "idempotent",
+    "run_once",
+    "run_once_async",
+]
