@@ -168,6 +168,32 @@ def test_waits_for_the_holder_to_complete(stores: tuple[Any, Any]) -> None:
     assert work.calls == 0
 
 
+def test_waits_while_the_holder_fails_then_runs_the_work(stores: tuple[Any, Any]) -> None:
+    store, other = stores
+    held = other.reserve(TENANT, OP, KEY, "other", FP, lease=60_000)
+    timer = threading.Timer(0.2, lambda: other.release(TENANT, OP, KEY, FP, token=held.token))
+    timer.start()
+    work = Counter()
+    try:
+        assert run(store, work, lease=1000, wait=5_000) == outcome()
+    finally:
+        timer.join()
+    assert work.calls == 1
+    assert store.get(TENANT, OP, KEY).owner == "me"
+
+
+@pytest.mark.parametrize("backend", ["sqlite-sync", "postgresql-sync"])  # the sync store's
+def test_an_interrupted_work_releases_the_key(stores: tuple[Any, Any]) -> None:
+    store, _ = stores
+
+    def interrupted() -> Outcome:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(store, interrupted, lease=1000)
+    assert store.get(TENANT, OP, KEY) is None
+
+
 def test_waits_for_the_lease_end_then_reclaims(stores: tuple[Any, Any]) -> None:
     store, other = stores
     held = other.reserve(TENANT, OP, KEY, "other", FP, lease=300)  # then "dies"
