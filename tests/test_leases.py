@@ -93,6 +93,14 @@ def test_duplicate_while_the_lease_runs_then_reclaimed_when_it_ends(store: Any) 
     assert isinstance(reserve(store, now=T0 + 10**9, owner="w4", lease=5), Duplicate)
 
 
+def test_a_reclaim_keeps_the_expiry_and_the_conflict_history_rules(store: Any) -> None:
+    reserve(store, now=T0, lease=100, ttl=10_000)
+    again = reserve(store, now=T0 + 100, owner="w2", lease=100, ttl=50)
+    assert isinstance(again, Reserved)
+    assert again.record.expires_at_ms == T0 + 10_000  # the key's, not the re-claimer's ttl
+    assert again.record.conflict_count == 0 and again.record.conflict_fingerprints == ()
+
+
 def test_a_token_is_new_on_every_reserved(store: Any) -> None:
     tokens = set()
     now = T0

@@ -90,7 +90,6 @@ OUTCOME_COLUMNS: Final = tuple(c for c in RECORD_COLUMNS if c.startswith("outcom
 KEY: Final = RECORD_COLUMNS.index("record_id")
 FINGERPRINT: Final = RECORD_COLUMNS.index("request_fingerprint")
 TOKEN: Final = RECORD_COLUMNS.index("reservation_token")
-LEASE: Final = RECORD_COLUMNS.index("lease_expires_at_ms")
 
 
 def token_text(token: int) -> str:
@@ -347,7 +346,6 @@ def record_from_row(row: Sequence[Any], fingerprints: Sequence[str] = ()) -> Ide
 __all__ = [
     "FINGERPRINT",
     "KEY",
-    "LEASE",
     "NO_OUTCOME",
     "OUTCOME_COLUMNS",
     "RECORD_COLUMNS",
