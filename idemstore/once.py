@@ -236,18 +236,17 @@ def _conflict(record: IdempotencyRecord) -> ConflictError:
     )
 
 
-def _look_again(record: IdempotencyRecord | None, fingerprint: str) -> bool | Outcome:
-    """After a poll: the outcome to return, True to reserve again (gone, replaced, expired or
-    lease ended: the reserve decides), False to keep waiting."""
-    if record is None or record.request_fingerprint != fingerprint:
-        return True
+def _look_again(found: IdempotencyRecord | None, fingerprint: str) -> IdempotencyRecord | None:
+    """After a poll: the record to go on with (its outcome is the answer, or keep waiting),
+    or None to reserve again (gone, replaced, expired or its lease ended: the reserve
+    decides)."""
+    if found is None or found.request_fingerprint != fingerprint:
+        return None
     now = rules.now_ms()
-    if record.expires_at_ms is not None and record.expires_at_ms <= now:
-        return True
-    if record.outcome is not None:
-        return record.outcome
-    until = record.in_progress_until_ms
-    return until is not None and until <= now
+    if found.expires_at_ms is not None and found.expires_at_ms <= now:
+        return None
+    until = found.in_progress_until_ms
+    return None if until is not None and until <= now else found
 
 
 def _renew_every_s(lease: rules.Duration) -> float:
@@ -307,18 +306,12 @@ def run_once(
         if isinstance(result, Conflict):
             raise _conflict(result.record)
         record: IdempotencyRecord | None = result.record
-        while True:
-            assert record is not None
+        while record is not None:  # None: reserve again
             if record.outcome is not None:
                 return record.outcome
             time.sleep(waiting.next_sleep(record))
             found = store.get(tenant, operation, key)
-            verdict = _look_again(found, record.request_fingerprint)
-            if isinstance(verdict, Outcome):
-                return verdict
-            if verdict:
-                break
-            record = found
+            record = _look_again(found, record.request_fingerprint)
 
 
 @dataclass(eq=False)
@@ -488,18 +481,13 @@ async def run_once_async(
         if isinstance(result, Conflict):
             raise _conflict(result.record)
         record: IdempotencyRecord | None = result.record
-        while True:
-            assert record is not None
+        while record is not None:  # None: reserve again
             if record.outcome is not None:
                 return record.outcome
             await asyncio.sleep(waiting.next_sleep(record))
-            found = await store.get(tenant, operation, key)
-            verdict = _look_again(found, record.request_fingerprint)
-            if isinstance(verdict, Outcome):
-                return verdict
-            if verdict:
-                break
-            record = found
+            record = _look_again(
+                await store.get(tenant, operation, key), record.request_fingerprint
+            )
 
 
 async def _hold_async(
