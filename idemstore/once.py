@@ -42,6 +42,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import os
 import random
 import threading
 import time
@@ -344,6 +345,11 @@ class _Renewer:
     """
 
     def __init__(self) -> None:
+        self._reset()
+        # A forked child has no renewer thread whatever the parent had (a pre-fork server).
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
         self._cond = threading.Condition()
         self._held: set[_Held] = set()
         self._running = False

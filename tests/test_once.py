@@ -7,6 +7,7 @@ store's own cases: awaitable work, cancellation, the decorator."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -267,6 +268,32 @@ def test_a_lost_lease_is_lease_lost_error_and_overwrites_nothing(stores: tuple[A
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database(request: pytest.FixtureRequest, make_database: Callable[[str], Database]) -> Database:
     return make_database(str(request.param))
+
+
+def test_a_forked_child_renews_its_leases(database: Database) -> None:
+    """A pre-fork server: the parent ran run_once (its renewer thread is up), then forks; the
+    child's leases are renewed all the same (a fork copies no thread)."""
+    store = database.sync_store()
+    try:
+        assert store.run_once(TENANT, OP, "k0", Counter(), owner="me", request_fingerprint=FP,
+                              lease=300) == outcome()  # fmt: skip
+        pid = os.fork()
+        if pid == 0:  # the child: a store of its own, a work longer than two leases
+            code = 1
+            try:
+                child = database.sync_store(migrate=False)
+                child.run_once(TENANT, OP, "k1", Counter("child", sleep=1.0), owner="child",
+                               request_fingerprint=FP, lease=300)  # fmt: skip
+                code = 0
+            finally:
+                os._exit(code)
+        time.sleep(0.8)  # past two of the child's leases: still held, renewed
+        assert isinstance(store.reserve(TENANT, OP, "k1", "parent", FP, lease=300), Duplicate)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert store.get(TENANT, OP, "k1").outcome == outcome("child")
+    finally:
+        store.close()
 
 
 def test_async_work_may_be_a_coroutine_and_cancellation_releases(database: Database) -> None:
