@@ -14,10 +14,13 @@ if TYPE_CHECKING:
     from .db.engine import create_async_engine, create_engine
     from .errors import (
         ConfigurationError,
+        ConflictError,
         ConnectionLostError,
         FileFormatError,
         IdemstoreError,
+        InProgressError,
         InvalidInputError,
+        LeaseLostError,
         LockTimeoutError,
         SchemaNotReadyError,
         StoreClosedError,
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
         TenantContext,
         TenantSource,
     )
+    from .once import idempotent
     from .rules import now_ms
     from .store import IdempotencyStore
     from .transfer.exporter import export_file, export_file_async
@@ -48,15 +52,19 @@ _SOURCES: dict[str, str] = {
     "create_async_engine": "db.engine",
     "create_engine": "db.engine",
     "ConfigurationError": "errors",
+    "ConflictError": "errors",
     "ConnectionLostError": "errors",
     "FileFormatError": "errors",
     "IdemstoreError": "errors",
+    "InProgressError": "errors",
     "InvalidInputError": "errors",
+    "LeaseLostError": "errors",
     "LockTimeoutError": "errors",
     "SchemaNotReadyError": "errors",
     "StoreClosedError": "errors",
     "idempotency_fingerprint": "ids",
     "idempotency_record_id": "ids",
+    "idempotent": "once",
     "ImportReport": "transfer.importer",
     "export_file": "transfer.exporter",
     "export_file_async": "transfer.exporter",
@@ -80,6 +88,7 @@ __all__ = [
     "AsyncIdempotencyStore",
     "ConfigurationError",
     "Conflict",
+    "ConflictError",
     "ConnectionLostError",
     "Duplicate",
     "FileFormatError",
@@ -87,7 +96,9 @@ __all__ = [
     "IdempotencyStore",
     "IdemstoreError",
     "ImportReport",
+    "InProgressError",
     "InvalidInputError",
+    "LeaseLostError",
     "LockTimeoutError",
     "Outcome",
     "RecordStatus",
@@ -104,6 +115,7 @@ __all__ = [
     "export_file_async",
     "idempotency_fingerprint",
     "idempotency_record_id",
+    "idempotent",
     "import_file",
     "import_file_async",
     "now_ms",

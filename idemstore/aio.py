@@ -29,7 +29,8 @@ from .db.runner import run_in_caller
 from .defaults import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_SYNCHRONOUS
 from .errors import ConfigurationError
 from .model import IdempotencyRecord, Outcome, Reservation, Stats, TenantContext
-from .rules import DEFAULT_PURGE_BATCH
+from .once import AsyncWork, run_once_async
+from .rules import DEFAULT_PURGE_BATCH, Duration
 
 T = TypeVar("T")
 AsyncConnectionLike = AsyncConnection | AsyncSession
@@ -56,6 +57,10 @@ class AsyncIdempotencyStore:
     Lost connections: as :class:`~idemstore.IdempotencyStore` (a dead connection is discarded;
     an operation that cannot have committed runs again on another; otherwise
     :class:`~idemstore.ConnectionLostError`).
+
+    The errors of every operation: :class:`~idemstore.StoreClosedError`,
+    :class:`~idemstore.SchemaNotReadyError`, :class:`~idemstore.LockTimeoutError`,
+    :class:`~idemstore.ConnectionLostError`, as the sync store's.
     """
 
     def __init__(
@@ -142,6 +147,7 @@ class AsyncIdempotencyStore:
 
     @property
     def engine(self) -> AsyncEngine:
+        """The SQLAlchemy async engine the store was given (or created)."""
         return self._engine
 
     def _check_open(self) -> None:
@@ -227,9 +233,21 @@ class AsyncIdempotencyStore:
         first_seen_event_id: str | None = None,
         expires_at_ms: int | None = None,
         now_ms: int | None = None,
+        lease: Duration | None = None,
+        ttl: Duration | None = None,
         connection: AsyncConnectionLike | None = None,
     ) -> Reservation:
-        """Reserve ``key``: :class:`Reserved`, :class:`Duplicate` or :class:`Conflict`."""
+        """Reserve ``key`` for one request (:meth:`IdempotencyStore.reserve`).
+
+        Parameters: ``tenant``, ``operation``, ``key``, ``owner``, ``request_fingerprint``,
+        ``first_seen_event_id``, ``expires_at_ms`` or ``ttl``, ``lease``, ``now_ms``,
+        ``connection`` (an ``AsyncConnection`` or ``AsyncSession``), as the sync store's.
+
+        Returns :class:`~idemstore.Reserved` ``(record, token)``,
+        :class:`~idemstore.Duplicate` or :class:`~idemstore.Conflict`.
+
+        Raises :class:`~idemstore.InvalidInputError` (bad arguments; nothing written), and the
+        errors of every operation (class docstring)."""
         call = ops.reserve(
             tenant,
             operation,
@@ -239,6 +257,8 @@ class AsyncIdempotencyStore:
             first_seen_event_id=first_seen_event_id,
             expires_at_ms=expires_at_ms,
             now_ms=now_ms,
+            lease=lease,
+            ttl=ttl,
         )
         return await self.run(call, connection=connection)
 
@@ -250,10 +270,22 @@ class AsyncIdempotencyStore:
         outcome: Outcome,
         *,
         now_ms: int | None = None,
+        token: str | None = None,
         connection: AsyncConnectionLike | None = None,
     ) -> IdempotencyRecord | None:
-        """Record the outcome; None when this tenant has no such record."""
-        call = ops.complete(tenant, operation, key, outcome, now_ms=now_ms)
+        """Store ``outcome`` on the record (:meth:`IdempotencyStore.complete`); with
+        ``token``, only while that reservation still holds the key.
+
+        Parameters: ``tenant``, ``operation``, ``key``, ``outcome``, ``now_ms``, ``token``,
+        ``connection``.
+
+        Returns the completed record, or None when this tenant has no such record (without
+        ``token``).
+
+        Raises :class:`~idemstore.LeaseLostError` (``token`` no longer holds the key; nothing
+        written), :class:`~idemstore.InvalidInputError`, and the errors of every operation
+        (class docstring)."""
+        call = ops.complete(tenant, operation, key, outcome, now_ms=now_ms, token=token)
         return await self.run(call, connection=connection)
 
     async def get(
@@ -264,7 +296,14 @@ class AsyncIdempotencyStore:
         *,
         connection: AsyncConnectionLike | None = None,
     ) -> IdempotencyRecord | None:
-        """The record, or None (also for a blank operation or key)."""
+        """The record of ``tenant``, ``operation`` and ``key`` (``connection``: in the
+        caller's transaction).
+
+        Returns the :class:`~idemstore.IdempotencyRecord`, or None (also for a blank
+        operation or key).
+
+        Raises :class:`~idemstore.InvalidInputError`, and the errors of every operation (class
+        docstring)."""
         return await self.run(ops.get(tenant, operation, key), connection=connection)
 
     async def release(
@@ -274,11 +313,88 @@ class AsyncIdempotencyStore:
         key: str,
         request_fingerprint: str,
         *,
+        token: str | None = None,
         connection: AsyncConnectionLike | None = None,
     ) -> bool:
-        """Delete a still-``reserved`` record whose fingerprint matches; whether it did."""
-        call = ops.release(tenant, operation, key, request_fingerprint)
+        """Delete a record still ``reserved`` with ``request_fingerprint``
+        (:meth:`IdempotencyStore.release`); with ``token``, only while that reservation still
+        holds the key.
+
+        Parameters: ``tenant``, ``operation``, ``key``, ``request_fingerprint``, ``token``,
+        ``connection``.
+
+        Returns whether a record was deleted.
+
+        Raises :class:`~idemstore.InvalidInputError`, and the errors of every operation (class
+        docstring)."""
+        call = ops.release(tenant, operation, key, request_fingerprint, token=token)
         return await self.run(call, connection=connection)
+
+    async def renew(
+        self,
+        tenant: TenantContext,
+        operation: str,
+        key: str,
+        token: str,
+        *,
+        lease: Duration,
+        now_ms: int | None = None,
+        connection: AsyncConnectionLike | None = None,
+    ) -> int:
+        """Extend the lease of the reservation ``token`` names to ``now + lease``
+        (:meth:`IdempotencyStore.renew`).
+
+        Parameters: ``tenant``, ``operation``, ``key``, ``token``, ``lease`` (``timedelta`` or
+        int ms), ``now_ms``, ``connection``.
+
+        Returns the new ``lease_expires_at_ms``.
+
+        Raises :class:`~idemstore.LeaseLostError` (the token no longer holds the key, or it
+        has an outcome; nothing written), :class:`~idemstore.InvalidInputError`, and the
+        errors of every operation (class docstring)."""
+        call = ops.renew(tenant, operation, key, token, lease=lease, now_ms=now_ms)
+        return await self.run(call, connection=connection)
+
+    async def run_once(
+        self,
+        tenant: TenantContext,
+        operation: str,
+        key: str,
+        work: AsyncWork,
+        *,
+        owner: str,
+        request_fingerprint: str,
+        lease: Duration | None = None,
+        ttl: Duration | None = None,
+        wait: Duration | None = None,
+        first_seen_event_id: str | None = None,
+    ) -> Outcome:
+        """Run ``work`` once for this key, whichever caller gets there first
+        (:mod:`idemstore.once`). ``work`` is a callable returning an
+        :class:`~idemstore.Outcome` or an awaitable of one (a plain function runs on the
+        event loop).
+
+        As :meth:`IdempotencyStore.run_once`, with the lease renewed from a task. Cancelled
+        while ``work`` runs, the reservation is released with its token (the release runs to
+        its end); cancelled while reserving, a reservation that committed is left to its
+        lease end.
+
+        Returns the key's one outcome. Raises :class:`~idemstore.InProgressError`,
+        :class:`~idemstore.ConflictError`, :class:`~idemstore.LeaseLostError`,
+        :class:`~idemstore.InvalidInputError` and ``work``'s own errors, as the sync store."""
+        return await run_once_async(
+            self,
+            tenant,
+            operation,
+            key,
+            work,
+            owner=owner,
+            request_fingerprint=request_fingerprint,
+            lease=lease,
+            ttl=ttl,
+            wait=wait,
+            first_seen_event_id=first_seen_event_id,
+        )
 
     async def purge_expired(
         self,
@@ -287,10 +403,22 @@ class AsyncIdempotencyStore:
         batch_size: int = DEFAULT_PURGE_BATCH,
         connection: AsyncConnectionLike | None = None,
     ) -> int:
-        """Delete records with ``expires_at_ms <= now`` in batches; how many."""
+        """Delete the records whose ``expires_at_ms <= now``, ``batch_size`` per
+        transaction (``now_ms``: default the clock; ``connection``: all in the caller's
+        transaction).
+
+        Returns how many records were deleted.
+
+        Raises :class:`~idemstore.InvalidInputError`, and the errors of every operation (class
+        docstring)."""
         call = ops.purge_expired(now_ms=now_ms, batch_size=batch_size)
         return await self.run(call, connection=connection)
 
     async def stats(self, *, connection: AsyncConnectionLike | None = None) -> Stats:
-        """Record counts by operation and status."""
+        """Record counts by operation and status (``connection``: in the caller's
+        transaction).
+
+        Returns :class:`~idemstore.Stats`.
+
+        Raises the errors of every operation (class docstring)."""
         return await self.run(ops.stats(), connection=connection)

@@ -16,7 +16,8 @@ from .db.runner import run_in_caller, run_owned
 from .defaults import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_SYNCHRONOUS
 from .errors import ConfigurationError, StoreClosedError
 from .model import IdempotencyRecord, Outcome, Reservation, Stats, TenantContext
-from .rules import DEFAULT_PURGE_BATCH
+from .once import Work, run_once
+from .rules import DEFAULT_PURGE_BATCH, Duration
 
 if TYPE_CHECKING:
     from .db.runner import SyncConnectionLike
@@ -39,6 +40,11 @@ class IdempotencyStore:
     :class:`~idemstore.ConnectionLostError` (``may_have_committed=False``: the transaction is
     gone; roll back and run it again). An interrupt (``KeyboardInterrupt``) in the middle of an
     operation discards its connection too.
+
+    The errors of every operation: :class:`~idemstore.StoreClosedError` (after
+    :meth:`close`), :class:`~idemstore.SchemaNotReadyError` (the database is not migrated to
+    this version's schema: :meth:`migrate`), :class:`~idemstore.LockTimeoutError` (a lock not
+    had within ``busy_timeout_ms``), :class:`~idemstore.ConnectionLostError` (above).
     """
 
     def __init__(
@@ -103,6 +109,7 @@ class IdempotencyStore:
 
     @property
     def engine(self) -> sa.Engine:
+        """The SQLAlchemy engine the store runs on."""
         return self._engine
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -170,9 +177,32 @@ class IdempotencyStore:
         first_seen_event_id: str | None = None,
         expires_at_ms: int | None = None,
         now_ms: int | None = None,
+        lease: Duration | None = None,
+        ttl: Duration | None = None,
         connection: SyncConnectionLike | None = None,
     ) -> Reservation:
-        """Reserve ``key``: :class:`Reserved`, :class:`Duplicate` or :class:`Conflict`."""
+        """Reserve ``key`` for one request: the Rust store's ``reserve``, one upsert.
+
+        Parameters: ``tenant`` (org, workspace and deployment name the record; actor and
+        source are stored), ``operation`` and ``key`` (trimmed as Rust trims, not empty),
+        ``owner`` (who holds it), ``request_fingerprint`` (what the request was, e.g.
+        :func:`~idemstore.idempotency_fingerprint`), ``first_seen_event_id``,
+        ``expires_at_ms`` (ms since the epoch; from then on the key is reserved afresh) or
+        ``ttl`` (``timedelta`` or int ms: ``expires_at_ms = now + ttl``), ``lease``
+        (``timedelta`` or int ms: the holder has the key until ``now + lease``; after that
+        the same request re-claims it), ``now_ms`` (default: :func:`~idemstore.now_ms`),
+        ``connection`` (run in the caller's transaction).
+
+        Returns :class:`~idemstore.Reserved` ``(record, token)`` (this call holds the key: do
+        the work, then ``complete(..., token=token)``), :class:`~idemstore.Duplicate` (the
+        same request before: replay ``record.outcome``, or it is still in progress until
+        ``record.in_progress_until_ms``) or :class:`~idemstore.Conflict` (the key belongs to
+        another request). See the README's table for what to do with each.
+
+        Raises :class:`~idemstore.InvalidInputError` (a blank key, operation, owner or
+        fingerprint, a value out of range, a lease or ttl under 1 ms, ``ttl`` with
+        ``expires_at_ms``; nothing written), and the errors of every operation (class
+        docstring)."""
         call = ops.reserve(
             tenant,
             operation,
@@ -182,6 +212,8 @@ class IdempotencyStore:
             first_seen_event_id=first_seen_event_id,
             expires_at_ms=expires_at_ms,
             now_ms=now_ms,
+            lease=lease,
+            ttl=ttl,
         )
         return self.run(call, connection=connection)
 
@@ -193,11 +225,27 @@ class IdempotencyStore:
         outcome: Outcome,
         *,
         now_ms: int | None = None,
+        token: str | None = None,
         connection: SyncConnectionLike | None = None,
     ) -> IdempotencyRecord | None:
-        """Record the outcome; None when this tenant has no such record."""
+        """Store ``outcome`` on the record: status ``completed``, ``last_seen_at_ms`` now.
+
+        Parameters: ``tenant``, ``operation``, ``key`` (as for :meth:`reserve`), ``outcome``
+        (what the work produced; replayed to duplicates), ``now_ms``, ``token`` (the
+        ``Reserved.token``: write only while that reservation still holds the key; without
+        it, the Rust store's rule: any record of this tenant, whatever its status),
+        ``connection``.
+
+        Returns the completed record, or None when this tenant has no such record (without
+        ``token``).
+
+        Raises :class:`~idemstore.LeaseLostError` (with ``token``: the reservation no longer
+        holds the key, e.g. re-claimed after its lease ended; nothing written),
+        :class:`~idemstore.InvalidInputError` (bad arguments, details the Rust store could not
+        hold), and the errors of every operation (class docstring)."""
         return self.run(
-            ops.complete(tenant, operation, key, outcome, now_ms=now_ms), connection=connection
+            ops.complete(tenant, operation, key, outcome, now_ms=now_ms, token=token),
+            connection=connection,
         )
 
     def get(
@@ -208,7 +256,14 @@ class IdempotencyStore:
         *,
         connection: SyncConnectionLike | None = None,
     ) -> IdempotencyRecord | None:
-        """The record, or None (also for a blank operation or key)."""
+        """The record of ``tenant``, ``operation`` and ``key`` (``connection``: read in the
+        caller's transaction).
+
+        Returns the :class:`~idemstore.IdempotencyRecord`, or None when there is none for
+        this tenant (also for a blank operation or key).
+
+        Raises :class:`~idemstore.InvalidInputError` (a tenant or names that are not
+        strings), and the errors of every operation (class docstring)."""
         return self.run(ops.get(tenant, operation, key), connection=connection)
 
     def release(
@@ -218,11 +273,95 @@ class IdempotencyStore:
         key: str,
         request_fingerprint: str,
         *,
+        token: str | None = None,
         connection: SyncConnectionLike | None = None,
     ) -> bool:
-        """Delete a still-``reserved`` record whose fingerprint matches; whether it did."""
+        """Delete a record that is still ``reserved`` with this ``request_fingerprint``: the
+        work failed, a retry starts clean.
+
+        Parameters: ``tenant``, ``operation``, ``key``, ``request_fingerprint`` (as reserved),
+        ``token`` (the ``Reserved.token``: delete only while that reservation still holds the
+        key), ``connection``.
+
+        Returns whether a record was deleted (False: none, another status or fingerprint, or
+        ``token`` no longer holds it).
+
+        Raises :class:`~idemstore.InvalidInputError` (bad arguments), and the errors of every
+        operation (class docstring)."""
         return self.run(
-            ops.release(tenant, operation, key, request_fingerprint), connection=connection
+            ops.release(tenant, operation, key, request_fingerprint, token=token),
+            connection=connection,
+        )
+
+    def renew(
+        self,
+        tenant: TenantContext,
+        operation: str,
+        key: str,
+        token: str,
+        *,
+        lease: Duration,
+        now_ms: int | None = None,
+        connection: SyncConnectionLike | None = None,
+    ) -> int:
+        """Extend a lease: the reservation ``token`` names holds the key until
+        ``now + lease``.
+
+        Parameters: ``tenant``, ``operation``, ``key``, ``token`` (the ``Reserved.token``),
+        ``lease`` (``timedelta`` or int ms, at least 1 ms), ``now_ms``, ``connection``. A
+        lease that ended but was not re-claimed yet is still the token's and renews.
+
+        Returns the new ``lease_expires_at_ms``.
+
+        Raises :class:`~idemstore.LeaseLostError` (the token no longer holds the key, or its
+        record has an outcome already; nothing written), :class:`~idemstore.InvalidInputError`
+        (bad arguments), and the errors of every operation (class docstring)."""
+        call = ops.renew(tenant, operation, key, token, lease=lease, now_ms=now_ms)
+        return self.run(call, connection=connection)
+
+    def run_once(
+        self,
+        tenant: TenantContext,
+        operation: str,
+        key: str,
+        work: Work,
+        *,
+        owner: str,
+        request_fingerprint: str,
+        lease: Duration | None = None,
+        ttl: Duration | None = None,
+        wait: Duration | None = None,
+        first_seen_event_id: str | None = None,
+    ) -> Outcome:
+        """Run ``work`` (a callable returning an :class:`~idemstore.Outcome`) once for this
+        key, whichever caller gets there first (:mod:`idemstore.once`).
+
+        Reserves with ``owner``, ``request_fingerprint``, ``lease``, ``ttl`` and
+        ``first_seen_event_id`` (see :meth:`reserve`). Reserved: runs ``work``, renewing the
+        lease every third of it from a daemon thread (one per process; each renewal a
+        transaction on a pooled connection, not ``work``'s) while it runs, completes with
+        the token and returns the outcome; if ``work`` raises, releases the key with the token
+        and re-raises. A duplicate with an outcome: returns it, ``work`` not called. Someone
+        else's live reservation: waits up to ``wait`` (``timedelta`` or int ms; None: do not
+        wait) for its outcome or its lease end (then re-claims), polling with back-off.
+
+        Returns the key's one outcome. Raises :class:`~idemstore.InProgressError` (held by
+        another caller past ``wait``), :class:`~idemstore.ConflictError` (the key is another
+        request's), :class:`~idemstore.LeaseLostError` (this call's lease ended and another
+        caller re-claimed the key: ``work``'s outcome was not stored),
+        :class:`~idemstore.InvalidInputError` for bad arguments, and ``work``'s own errors."""
+        return run_once(
+            self,
+            tenant,
+            operation,
+            key,
+            work,
+            owner=owner,
+            request_fingerprint=request_fingerprint,
+            lease=lease,
+            ttl=ttl,
+            wait=wait,
+            first_seen_event_id=first_seen_event_id,
         )
 
     def purge_expired(
@@ -232,11 +371,26 @@ class IdempotencyStore:
         batch_size: int = DEFAULT_PURGE_BATCH,
         connection: SyncConnectionLike | None = None,
     ) -> int:
-        """Delete records with ``expires_at_ms <= now`` in batches; how many."""
+        """Delete the records whose ``expires_at_ms <= now``.
+
+        Parameters: ``now_ms`` (default: the clock), ``batch_size`` (records per transaction
+        when the store owns the transaction; 1 to 2^31-1), ``connection`` (all in the
+        caller's transaction).
+
+        Returns how many records were deleted.
+
+        Raises :class:`~idemstore.InvalidInputError` (bad arguments), and the errors of every
+        operation (class docstring)."""
         return self.run(
             ops.purge_expired(now_ms=now_ms, batch_size=batch_size), connection=connection
         )
 
     def stats(self, *, connection: SyncConnectionLike | None = None) -> Stats:
-        """Record counts by operation and status."""
+        """Record counts by operation and status (``connection``: in the caller's
+        transaction).
+
+        Returns :class:`~idemstore.Stats` (``counts``, ``total``, ``by_status()``,
+        ``by_operation()``).
+
+        Raises the errors of every operation (class docstring)."""
         return self.run(ops.stats(), connection=connection)
