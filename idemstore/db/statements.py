@@ -193,6 +193,9 @@ def _build_stats(dialect: Dialect) -> ClauseElement:
 RESERVE: Final = Statement("reserve", _build_reserve)
 COMPLETE: Final = Statement("complete", _build_complete)
 GET: Final = Statement("get", lambda d: sa.select(*_returning()).where(_tenant_match()))
+GET_BY_ID: Final = Statement(
+    "get_by_id", lambda d: sa.select(*_returning()).where(R.c.record_id == _p("record_id"))
+)
 RELEASE: Final = Statement("release", _build_release)
 PURGE: Final = Statement("purge", _build_purge)
 STATS: Final = Statement("stats", _build_stats)
