@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -445,12 +446,21 @@ def test_reserve_json(sqlite_args, capsys):
     )
     assert code == 0
     payload = json.loads(out)
+    token = payload.pop("token")
+    assert isinstance(token, str) and token
     assert payload == {
         "result": "Reserved",
         "record_id": idempotency_record_id(TenantContext.local_implicit(), "op", "k"),
         "status": "reserved",
         "conflict_count": 0,
+        "lease_expires_at_ms": None,
+        "expires_at_ms": None,
     }
+    code, out, _ = run(
+        capsys, *sqlite_args, "reserve", "--owner", "o", "--fingerprint", "g", "--json", "op", "k"
+    )
+    payload = json.loads(out)
+    assert (payload["result"], payload["token"], payload["conflict_count"]) == ("Conflict", None, 1)
 
 
 def test_get_by_record_id(sqlite_args, capsys):
@@ -573,3 +583,109 @@ def test_migrate_status(tmp_path, capsys):
     assert "current:  9999_future" in out
     assert "which this idemstore" in out and "does not know" in out
     assert out.count("pending") == len(SCHEMA_REVISIONS)
+
+
+def test_tokens_fence_complete_and_release(sqlite_args, capsys):
+    """reserve prints the token; complete/release --token write only while it holds."""
+    code, out, _ = run(
+        capsys,
+        *sqlite_args,
+        "reserve",
+        "--owner",
+        "worker-1",
+        "--fingerprint",
+        "fp",
+        "--lease-ms",
+        "1",
+        "op",
+        "k",
+    )
+    lines = out.splitlines()
+    assert code == 0 and lines[0].startswith("Reserved: ") and len(lines) == 3
+    first = lines[1].removeprefix("token: ")
+    assert first != lines[1] and first
+    assert lines[2].startswith("lease until: ") and lines[2].endswith(" (lease_expires_at_ms)")
+    time.sleep(0.05)  # the 1 ms lease ends: the same request re-claims the key
+    code, out, _ = run(
+        capsys,
+        *sqlite_args,
+        "reserve",
+        "--owner",
+        "worker-2",
+        "--fingerprint",
+        "fp",
+        "--lease-ms",
+        "60000",
+        "--json",
+        "op",
+        "k",
+    )
+    claim = json.loads(out)
+    assert claim["result"] == "Reserved" and claim["token"] not in (None, first)
+    assert claim["lease_expires_at_ms"] > now_ms() + 50_000
+
+    code, out, err = run(
+        capsys, *sqlite_args, "complete", "--outcome-kind", "late", "--token", first, "op", "k"
+    )
+    assert (code, out) == (1, "")
+    assert "this token named no longer holds it" in err and err.count("\n") == 1
+    code, _, err = run(
+        capsys, *sqlite_args, "release", "--fingerprint", "fp", "--token", first, "op", "k"
+    )
+    assert code == 1 and err.endswith("with fingerprint 'fp' under this token\n")
+    assert _get(capsys, sqlite_args, "op", "k")[1]["owner"] == "worker-2"  # untouched
+
+    code, out, _ = run(
+        capsys,
+        *sqlite_args,
+        "complete",
+        "--outcome-kind",
+        "done",
+        "--token",
+        claim["token"],
+        "op",
+        "k",
+    )
+    assert code == 0 and out.startswith("Completed: ")
+    code, _, err = run(
+        capsys, *sqlite_args, "complete", "--outcome-kind", "x", "--token", "not-a-token", "op", "k"
+    )
+    assert code == 2 and err.startswith("idemstore: error: token must be a token")
+
+
+def test_reserve_ttl(sqlite_args, capsys):
+    began = now_ms()
+    code, out, _ = run(
+        capsys,
+        *sqlite_args,
+        "reserve",
+        "--owner",
+        "o",
+        "--fingerprint",
+        "f",
+        "--ttl-ms",
+        "60000",
+        "--json",
+        "op",
+        "k",
+    )
+    payload = json.loads(out)
+    assert code == 0 and payload["token"] and payload["lease_expires_at_ms"] is None
+    assert began + 60_000 <= payload["expires_at_ms"] <= now_ms() + 60_000
+    code, _, err = run(
+        capsys,
+        *sqlite_args,
+        "reserve",
+        "--owner",
+        "o",
+        "--fingerprint",
+        "f",
+        "--ttl-ms",
+        "1",
+        "--expires-at-ms",
+        "5",
+        "op",
+        "k2",
+    )
+    assert code == 2 and err.startswith("idemstore: error: ") and err.count("\n") == 1
+    assert _get(capsys, sqlite_args, "op", "k2")[0] == 1  # nothing written

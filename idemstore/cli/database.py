@@ -13,7 +13,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any, Final
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, LeaseLostError
 from ..model import (
     IdempotencyRecord,
     JSONValue,
@@ -269,7 +269,10 @@ def _print_record(record: IdempotencyRecord) -> int:
 
 
 def cmd_reserve(args: argparse.Namespace) -> int:
-    """``idemstore reserve``: reserve a key; print the result kind and the record's state."""
+    """``idemstore reserve``: reserve a key; print the result kind and the record's state
+    (``Reserved``: the token on a second line, and the lease's end)."""
+    from ..model import Reserved
+
     with open_store(args) as store:
         result = store.reserve(
             _tenant(args),
@@ -279,14 +282,20 @@ def cmd_reserve(args: argparse.Namespace) -> int:
             args.fingerprint,
             first_seen_event_id=args.event_id,
             expires_at_ms=args.expires_at_ms,
+            lease=args.lease_ms,
+            ttl=args.ttl_ms,
         )
     record = result.record
+    token = result.token if isinstance(result, Reserved) else None
     if args.json:
         payload = {
             "result": type(result).__name__,
             "record_id": record.record_id,
             "status": record.status.value,
             "conflict_count": record.conflict_count,
+            "token": token,
+            "lease_expires_at_ms": record.lease_expires_at_ms,
+            "expires_at_ms": record.expires_at_ms,
         }
         print(json.dumps(payload, indent=2))
         return 0
@@ -294,6 +303,10 @@ def cmd_reserve(args: argparse.Namespace) -> int:
         f"{type(result).__name__}: {record.record_id} "
         f"(status {record.status.value}, conflicts {record.conflict_count})"
     )
+    if token is not None:
+        print(f"token: {token}")
+    if record.in_progress_until_ms is not None:
+        print(f"lease until: {record.in_progress_until_ms} (lease_expires_at_ms)")
     return 0
 
 
@@ -382,7 +395,11 @@ def cmd_complete(args: argparse.Namespace) -> int:
     )
     tenant = _tenant(args)
     with open_store(args) as store:
-        record = store.complete(tenant, args.operation, args.key, outcome)
+        try:
+            record = store.complete(tenant, args.operation, args.key, outcome, token=args.token)
+        except LeaseLostError as error:
+            _say(str(error))
+            return 1
     if record is None:
         _say(_no_record(args, tenant))
         return 1
@@ -403,7 +420,9 @@ def cmd_release(args: argparse.Namespace) -> int:
 
     tenant = _tenant(args)
     with open_store(args) as store:
-        released = store.release(tenant, args.operation, args.key, args.fingerprint)
+        released = store.release(
+            tenant, args.operation, args.key, args.fingerprint, token=args.token
+        )
     record_id = idempotency_record_id(tenant, rust_trim(args.operation), rust_trim(args.key))
     if args.json:
         print(json.dumps({"released": released, "record_id": record_id}, indent=2))
@@ -413,7 +432,7 @@ def cmd_release(args: argparse.Namespace) -> int:
         _say(
             f"nothing released: tenant {describe_tenant(tenant)} has no record for operation "
             f"{args.operation!r}, key {args.key!r} that is still reserved with fingerprint "
-            f"{args.fingerprint!r}"
+            f"{args.fingerprint!r}" + (" under this token" if args.token is not None else "")
         )
         return 1
     return 0

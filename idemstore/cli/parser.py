@@ -130,6 +130,16 @@ def _add_json(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--json", action="store_true", help=f"print {what} as JSON")
 
 
+def _add_token(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--token",
+        default=None,
+        metavar="T",
+        help=f"the token reserve printed: {what} only while that reservation still holds the "
+        "key (its lease not re-claimed by another)",
+    )
+
+
 def _add_database_commands(commands: Any) -> None:
     migrate = _command(
         commands,
@@ -180,8 +190,9 @@ def _add_database_commands(commands: Any) -> None:
         "reserve",
         "reserve a key and print the result kind",
         "Reserve a key, as the library's reserve() does, and print what happened: Reserved "
-        "(the key is new: do the work), Duplicate (same request seen before) or Conflict "
-        "(same key, another request fingerprint). Exit 0 for each of them.",
+        "(the key is yours: do the work; its token follows, for complete and release "
+        "--token), Duplicate (same request seen before) or Conflict (same key, another "
+        "request fingerprint). Exit 0 for each of them.",
     )
     _add_tenant_options(reserve)
     reserve.add_argument(
@@ -208,7 +219,23 @@ def _add_database_commands(commands: Any) -> None:
         metavar="MS",
         help="when the record may be purged, in milliseconds since the Unix epoch (default: never)",
     )
-    _add_json(reserve, "the result")
+    reserve.add_argument(
+        "--lease-ms",
+        type=int,
+        default=None,
+        metavar="MS",
+        help="hold the key for MS milliseconds: after that, a reserve with the same "
+        "fingerprint re-claims it (default: no lease, never re-claimed)",
+    )
+    reserve.add_argument(
+        "--ttl-ms",
+        type=int,
+        default=None,
+        metavar="MS",
+        help="expire the record MS milliseconds from now (sets expires_at_ms; not with "
+        "--expires-at-ms)",
+    )
+    _add_json(reserve, "the result (with the token)")
     _add_key(reserve)
     reserve.set_defaults(handler=database.cmd_reserve)
 
@@ -218,7 +245,7 @@ def _add_database_commands(commands: Any) -> None:
         "record the outcome of a reserved key",
         "Complete a key: store its outcome (replayed to later duplicates) and set the record "
         "completed, as the library's complete() does. Exit 1 when the tenant has no such "
-        "record.",
+        "record, or the --token no longer holds it (nothing written).",
     )
     _add_tenant_options(complete)
     complete.add_argument(
@@ -253,6 +280,7 @@ def _add_database_commands(commands: Any) -> None:
         default=None,
         help="outcome details: a JSON value, or @FILE to read it from FILE (@- for stdin)",
     )
+    _add_token(complete, "complete")
     _add_json(complete, "the completed record")
     _add_key(complete)
     complete.set_defaults(handler=database.cmd_complete)
@@ -263,7 +291,7 @@ def _add_database_commands(commands: Any) -> None:
         "delete a still-reserved key so that a retry starts clean",
         "Release a key whose work failed: delete its record if it is still reserved (not "
         "completed) and its request fingerprint is F, as the library's release() does. Exit "
-        "1 when nothing was released.",
+        "1 when nothing was released (also when the --token no longer holds the key).",
     )
     _add_tenant_options(release)
     release.add_argument(
@@ -272,6 +300,7 @@ def _add_database_commands(commands: Any) -> None:
         metavar="F",
         help="the request fingerprint the key was reserved with",
     )
+    _add_token(release, "release")
     _add_json(release, "whether it released")
     _add_key(release)
     release.set_defaults(handler=database.cmd_release)
