@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import shlex
 import subprocess
 import sys
 import time
@@ -689,3 +691,30 @@ def test_reserve_ttl(sqlite_args, capsys):
     )
     assert code == 2 and err.startswith("idemstore: error: ") and err.count("\n") == 1
     assert _get(capsys, sqlite_args, "op", "k2")[0] == 1  # nothing written
+
+
+def test_the_readme_examples_run_as_written(tmp_path):
+    """The README's command-line block: one example of each command, run in order as a shell
+    runs it (all but ``bench``, a minute long), each exiting 0, on a fresh SQLite file."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## The command line\n", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    lines = [line for line in block.splitlines() if line.startswith("idemstore ")]
+    assert sorted({line.split()[1] for line in lines}) == sorted(COMMANDS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IDEMSTORE_")}
+    env["IDEMSTORE_DATABASE_URL"] = f"sqlite:///{tmp_path}/readme.db"
+    command = shlex.quote(sys.executable) + " -m idemstore"
+    outputs = {}
+    for line in lines:
+        if line.split()[1] == "bench":
+            continue
+        shell_line = command + line.removeprefix("idemstore")
+        proc = subprocess.run(
+            ["bash", "-c", shell_line], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, (line, proc.stderr)
+        outputs.setdefault(line.split()[1], proc.stdout)  # the first of each command
+    assert "created the idemstore schema at" in outputs["migrate"]
+    assert json.loads(outputs["get"])["outcome"]["outcome_kind"] == "sent"
+    assert json.loads(outputs["stats"])["total"] == 1  # send-2 was released
+    assert "unchanged" in outputs["import"]
