@@ -393,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Idempotency keys in SQL: migrate, inspect, reserve and complete keys, "
         "import and export the Rust store's JSON key files.",
         epilog="Exit status: 0 done; 1 not found or not done (get, complete, release); "
-        "2 a mistake or a database error (one line on stderr); 130 interrupted.",
+        "2 a mistake or a database error (one line on stderr; nothing written); 130 interrupted; "
+        "141 the reader of the output went away.",
     )
     parser.add_argument("--version", action="version", version=f"idemstore {__version__}")
     add_global_options(parser)

@@ -1,5 +1,6 @@
 """Database -> JSON key file: the export, as the Rust module writes its file (records in key
-order, each under the key it is stored by, through a fsynced temp file and a rename)."""
+order, each under the key it is stored by, through a fsynced temp file and a rename), or the
+same text to an open stream (``idemstore export -``)."""
 
 from __future__ import annotations
 
