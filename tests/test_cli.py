@@ -297,6 +297,7 @@ def test_complete_options(sqlite_args, capsys, tmp_path, monkeypatch):
     [
         (["--details", "{x"], "--details is not JSON: Expecting property name"),
         (["--details", "NaN"], "--details: NaN is not a JSON number"),
+        (["--details", "[1e999]"], "--details: the number 1e999 is out of range"),
         (["--details", '{"a": 1, "a": 2}'], "--details: an object repeats the key 'a'"),
         (["--details", "@/nonexistent/d.json"], "--details @/nonexistent/d.json: cannot read"),
         (["--details", "[" * 200 + "]" * 200], "details"),

@@ -1,5 +1,6 @@
-"""The commands on the database: ``migrate``, ``stats``, ``get``, ``reserve`` and
-``purge-expired``, and what they print.
+"""The commands on the database: ``migrate``, ``stats``, ``get``, ``reserve``, ``complete``,
+``release`` and ``purge-expired``, what they print, and how their options become values (the
+tenant, ``KIND:ID`` references, ``--details``).
 
 The store (and with it SQLAlchemy) is imported when a command runs, not when this module is:
 the command line parses its arguments before the database layer loads (see
@@ -113,7 +114,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         done = "upgraded"
         line = f"{where}: upgraded the idemstore schema from {before} to {after}"
     else:
-        done = "none"
+        done = "nothing"
         line = f"{where}: the idemstore schema is already at {after} (head)"
     if args.json:
         payload = {"database": where, "done": done, "before": before, "after": after}
@@ -363,12 +364,23 @@ def _constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def parse_json(text: str) -> JSONValue:
-    """A JSON value as a caller's details: strict JSON (no NaN or Infinity, no key twice in
-    an object, which serde_json would keep silently as the last). ``ValueError`` saying why
-    not."""
+def _float(text: str) -> float:
+    from ..jsonvalue import OutOfRange, rust_float
+
     try:
-        value: JSONValue = json.loads(text, object_pairs_hook=_object, parse_constant=_constant)
+        return rust_float(text)
+    except OutOfRange:
+        raise ValueError(f"the number {text} is out of range (beyond a float)") from None
+
+
+def parse_json(text: str) -> JSONValue:
+    """A JSON value as a caller's details: strict JSON (no NaN or Infinity, no number beyond
+    a float, no key twice in an object, which serde_json would keep silently as the last).
+    ``ValueError`` saying why not."""
+    try:
+        value: JSONValue = json.loads(
+            text, object_pairs_hook=_object, parse_constant=_constant, parse_float=_float
+        )
     except RecursionError:  # deeper than any details may be: complete() says so
         from ..jsonvalue import loads
 
