@@ -104,6 +104,11 @@ def test_global_options_before_or_after_the_command(tmp_path, capsys):
     # Before the command it still works; -v after the command too.
     code, out, _ = run(capsys, "--database-url", after, "stats", "-v")
     assert code == 0 and f"database: {after}" in out
+    # import parses its arguments early (its parse workers start first): the same there.
+    sample = str(REPO / "tests" / "data" / "sample_versioned.json")
+    code, out, _ = run(capsys, "import", sample, "--json", "--database-url", after)
+    assert code == 0 and json.loads(out)["totals"]["inserted"] == 8
+    assert not (tmp_path / "before.db").exists()
     args = build_parser().parse_args(["stats", "-v"])
     assert args.verbose is True and args.database_url is None
     args = build_parser().parse_args(["-v", "stats"])
