@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from idemstore import TenantContext, cli, create_engine, idempotency_record_id, now_ms
+from idemstore.cli.database import database_name
 from idemstore.db.schema import SCHEMA_REVISIONS, VERSION_TABLE
 from idemstore.migrate import downgrade
 
@@ -430,25 +432,31 @@ def test_export_to_standard_output(sqlite_args, capsys, tmp_path, monkeypatch):
     assert not (tmp_path / "-").exists()
 
 
-def test_migrate_says_what_it_did(tmp_path, capsys):
-    url = f"sqlite:///{tmp_path}/m.db"
+def test_migrate_says_what_it_did(database, capsys):
+    """On SQLite and PostgreSQL: created, already at, upgraded from one revision to another."""
+    url = database.url
+    if database.schema is not None:
+        url = f"{database.url}?options=-csearch_path%3D{database.schema}"
+    where = database_name(argparse.Namespace(database_url=url))
     head = SCHEMA_REVISIONS[-1]
     code, out, _ = run(capsys, "migrate", "--database-url", url)
-    assert (code, out) == (0, f"{url}: created the idemstore schema at {head}\n")
+    assert (code, out) == (0, f"{where}: created the idemstore schema at {head}\n")
     code, out, _ = run(capsys, "migrate", "--database-url", url)
-    assert (code, out) == (0, f"{url}: the idemstore schema is already at {head} (head)\n")
-    engine = create_engine(url)
-    with engine.begin() as connection:
+    assert (code, out) == (0, f"{where}: the idemstore schema is already at {head} (head)\n")
+    with database.sync_engine().begin() as connection:
         downgrade(connection, SCHEMA_REVISIONS[0])
-    engine.dispose()
+    code, out, _ = run(capsys, "migrate", "--status", "--json", "--database-url", url)
+    assert json.loads(out)["current"] == [SCHEMA_REVISIONS[0]]
     code, out, _ = run(capsys, "migrate", "--json", "--database-url", url)
     assert code == 0
     assert json.loads(out) == {
-        "database": url,
+        "database": where,
         "done": "upgraded",
         "before": SCHEMA_REVISIONS[0],
         "after": head,
     }
+    code, out, _ = run(capsys, "migrate", "--status", "--database-url", url)
+    assert f"current:  {head}\n" in out and "state:    at head\n" in out
 
 
 def test_migrate_status(tmp_path, capsys):
