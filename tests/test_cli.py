@@ -167,18 +167,16 @@ def test_default_is_embedded_sqlite_in_the_working_directory(tmp_path, monkeypat
     assert (tmp_path / "idemstore.db").exists()
 
 
-def test_output_closed_early_is_not_a_traceback(tmp_path):
-    import subprocess
-    import sys
-
-    from idemstore import IdempotencyStore, TenantContext
+@pytest.mark.parametrize("command", [["stats"], ["export", "-"]])
+def test_output_closed_early_is_not_a_traceback(tmp_path, command):
+    from idemstore import IdempotencyStore
 
     url = f"sqlite:///{tmp_path}/pipe.db"
     with IdempotencyStore.from_url(url, migrate=True, synchronous="OFF") as store:
         for i in range(1500):  # a table larger than a pipe's buffer (64 KiB)
             store.reserve(TenantContext.local_implicit(), f"operation-{i:04}", "k", "o", "f")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "idemstore", "--database-url", url, "stats"],
+        [sys.executable, "-m", "idemstore", "--database-url", url, *command],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
