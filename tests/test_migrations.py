@@ -115,7 +115,7 @@ def test_idemstore_migrate_command(database):
         capture_output=True,
         text=True,
     )
-    assert "at head" in out.stdout
+    assert f"created the idemstore schema at {SCHEMA_REVISION}" in out.stdout
     assert _tables(database.sync_engine()) >= IDEM_TABLES
 
 

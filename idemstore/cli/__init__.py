@@ -1,16 +1,20 @@
 """The ``idemstore`` command.
 
-    idemstore [--database-url URL] migrate
-    idemstore [--database-url URL] stats [--json]
-    idemstore [--database-url URL] get [--org ORG --workspace WS --deployment D] OPERATION KEY
-    idemstore [--database-url URL] reserve [tenant options] --owner O --fingerprint F OPERATION KEY
-    idemstore [--database-url URL] purge-expired [--now-ms MS] [--batch-size N]
-    idemstore [--database-url URL] import [--dry-run] [--replace] [--strict] [--json] FILE...
-    idemstore [--database-url URL] export FILE
-    idemstore [--database-url URL] bench [...]
+    idemstore migrate [--status] [--json]
+    idemstore stats [--json]
+    idemstore get [tenant options] OPERATION KEY | --record-id ID
+    idemstore reserve [tenant options] --owner O --fingerprint F [--json] OPERATION KEY
+    idemstore complete [tenant options] --outcome-kind KIND [--completed-at-ms MS]
+        [--primary-ref KIND:ID] [--secondary-ref KIND:ID] [--details JSON|@FILE] OPERATION KEY
+    idemstore release [tenant options] --fingerprint F [--json] OPERATION KEY
+    idemstore purge-expired [--now-ms MS] [--batch-size N]
+    idemstore import [--dry-run] [--replace] [--strict] [--json] FILE...
+    idemstore export FILE|-
+    idemstore bench [...]
 
-The URL comes from ``--database-url``, else ``$IDEMSTORE_DATABASE_URL``, else the embedded
-default ``sqlite:///idemstore.db``. Passwords are never printed. A mistake prints
+Every command takes ``--database-url URL`` and ``-v`` before or after its name. The URL comes
+from ``--database-url``, else ``$IDEMSTORE_DATABASE_URL``, else the embedded default
+``sqlite:///idemstore.db``. Passwords are never printed. A mistake prints
 ``idemstore: error: <one line>`` and exits 2.
 
 :func:`main` parses with the one definition (:mod:`idemstore.cli.parser`), which loads nothing
@@ -61,8 +65,10 @@ def prestart(argv: Sequence[str]) -> WorkerParse | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``idemstore`` command with ``argv`` (default: ``sys.argv[1:]``); the exit
-    status: 0, 1 (``get`` found nothing), 2 (a mistake, one line on stderr), 130
-    (interrupted), 141 (the reader of the output went away)."""
+    status: 0 done, 1 not found or not done (``get`` or ``complete`` found no such record,
+    ``release`` released nothing), 2 a mistake (a usage error, bad input, a database error:
+    one line on stderr; nothing written), 130 interrupted, 141 the reader of the output went
+    away."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(

@@ -9,6 +9,7 @@ The importer (and with it SQLAlchemy) is imported when a command runs, not when 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -305,10 +306,27 @@ def _import_files(
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """``idemstore export FILE``: every record, as the Rust module writes its file."""
-    from ..transfer.exporter import export_file
+    """``idemstore export FILE``: every record, as the Rust module writes its file. ``-``
+    writes that text to standard output (UTF-8, the same bytes as the file) and nothing else
+    there; the count goes to stderr."""
+    from ..transfer.exporter import export_call, export_file
 
-    with open_store(args, read_only=True) as store:
-        count = export_file(store, args.file)
-    _out(f"exported {count} record(s) to {args.file}")
+    if args.file != "-":
+        with open_store(args, read_only=True) as store:
+            count = export_file(store, args.file)
+        _out(f"exported {count} record(s) to {args.file}")
+        return 0
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:  # a text-only stream (an application's): write the text to it
+        with open_store(args, read_only=True) as store:
+            count = store.run(export_call(sys.stdout))
+    else:
+        sys.stdout.flush()
+        out = io.TextIOWrapper(buffer, encoding="utf-8", errors="strict", newline="\n")
+        try:
+            with open_store(args, read_only=True) as store:
+                count = store.run(export_call(out))
+        finally:
+            out.detach()  # flushed; sys.stdout keeps its buffer
+    _err(f"exported {count} record(s) to standard output")
     return 0

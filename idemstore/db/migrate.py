@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
@@ -169,9 +170,12 @@ def lock_for_migration(connection: sa.Connection) -> None:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def _prepare(connection: sa.Connection) -> None:
+def _prepare(connection: sa.Connection) -> str | None:
+    """Take the migration lock, check the version table; the revision found (None: none)."""
     lock_for_migration(connection)
-    check_revisions(current_revisions(connection), safe_url(connection.engine.url), migrating=True)
+    found = current_revisions(connection)
+    check_revisions(found, safe_url(connection.engine.url), migrating=True)
+    return found[0] if found else None
 
 
 @contextlib.contextmanager
@@ -202,11 +206,17 @@ def upgrade(connection: sa.Connection, revision: str = "head") -> None:
     application's own Alembic ``env.py`` (see :func:`upgrade_with_app`). Raises
     :class:`SchemaNotReadyError`, changing nothing, when the database is at a revision this
     package does not know or its version table has more than one row."""
+    _upgrade(connection, revision)
+
+
+def _upgrade(connection: sa.Connection, revision: str) -> str | None:
+    """:func:`upgrade`; the revision the database was at before (None: no schema)."""
     from alembic import command
 
-    _prepare(connection)
+    before = _prepare(connection)
     with _outer_alembic_kept():
         command.upgrade(alembic_config(connection), revision)
+    return before
 
 
 def downgrade(connection: sa.Connection, revision: str) -> None:
@@ -254,10 +264,78 @@ def exclude_idemstore_tables(name: str | None, type_: str, parent_names: Any) ->
     return not (type_ == "table" and (name or "").startswith("idemstore_"))
 
 
-def migrate_engine(engine: sa.Engine) -> None:
-    """Upgrade ``engine``'s database to idemstore's head revision, in one transaction."""
+def migrate_engine(engine: sa.Engine) -> tuple[str | None, str | None]:
+    """Upgrade ``engine``'s database to idemstore's head revision, in one transaction.
+    Returns the revision it was at before (None: it had no idemstore schema) and the one it
+    is at after, both read under the migration lock (another instance may have migrated it
+    first: then both are the head)."""
     with engine.begin() as connection:
-        upgrade(connection)
+        before = _upgrade(connection, "head")
+        return before, current_revision(connection)
+
+
+@dataclass(frozen=True, slots=True)
+class Revision:
+    """One of idemstore's schema revisions, as ``migrations/versions`` has it."""
+
+    revision: str
+    #: The first line of its docstring.
+    message: str
+    #: Whether the database has it (its revision is this one or a later one).
+    applied: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaStatus:
+    """Where a database's idemstore schema is (:func:`schema_status`)."""
+
+    #: The database, as it may be printed.
+    database: str
+    #: The rows of the version table: none before the first migration, one normally.
+    current: tuple[str, ...]
+    #: The revision this idemstore needs.
+    head: str
+    #: Every revision this idemstore knows, the first (base) first.
+    history: tuple[Revision, ...]
+    #: For a SQLite file that does not exist: its path (nothing was created).
+    missing_file: str | None = None
+
+    @property
+    def at_head(self) -> bool:
+        """Whether the database is at the head (the store can open it)."""
+        return self.current == (self.head,)
+
+
+def _first_line(doc: str | None) -> str:
+    lines = (doc or "").strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def schema_status(engine: sa.Engine) -> SchemaStatus:
+    """The revision ``engine``'s database is at, the head, and the history, read without
+    writing anything (open the engine read-only): a SQLite file that does not exist is
+    reported, not created. A revision this idemstore does not know is listed as current, and
+    none of the history counts as applied below it."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config())
+    head = head_revision()
+    path = sqlite_file(engine.url)
+    missing = os.path.abspath(path) if path is not None and not os.path.exists(path) else None
+    current: tuple[str, ...] = ()
+    if missing is None:
+        with translated_errors(engine.dialect, None), engine.connect() as connection:
+            current = current_revisions(connection)
+    applied: set[str] = set()
+    known = {s.revision for s in script.walk_revisions()}
+    for revision in current:
+        if revision in known:
+            applied.update(s.revision for s in script.iterate_revisions(revision, "base"))
+    history = tuple(
+        Revision(s.revision, _first_line(s.doc), s.revision in applied)
+        for s in reversed(list(script.walk_revisions()))
+    )
+    return SchemaStatus(safe_url(engine.url), current, head, history, missing)
 
 
 class SchemaGate:

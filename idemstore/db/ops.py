@@ -220,6 +220,24 @@ def get(tenant: TenantContext, operation: str, key: str) -> Call[IdempotencyReco
     return Call("read", run)
 
 
+def get_by_record_id(record_id: str) -> Call[IdempotencyRecord | None]:
+    """The record stored under ``record_id`` (the key of the JSON file's ``records`` map;
+    the indexed column; not trimmed), whatever its tenant; None when there is none. Raises
+    :class:`~idemstore.InvalidInputError` for a blank id."""
+    if not isinstance(record_id, str) or not record_id.strip():
+        raise InvalidInputError("record id cannot be empty")
+    rules.check_unicode(record_id, "record id")  # as stored: a file's map key is kept whole
+    params = {"p_record_id": record_id}
+
+    def run(d: Driver) -> IdempotencyRecord | None:
+        rows = d.execute(S.GET_BY_ID, params)
+        if not rows:
+            return None
+        return record_from_row(rows[0], _fingerprints(d, record_id))
+
+    return Call("read", run)
+
+
 def release(
     tenant: TenantContext,
     operation: str,
@@ -322,6 +340,7 @@ __all__ = [
     "complete",
     "fresh_record",
     "get",
+    "get_by_record_id",
     "purge_expired",
     "release",
     "renew",

@@ -241,6 +241,9 @@ COMPLETE: Final = Statement("complete", _build_complete)
 #: :data:`COMPLETE` only while the reservation of ``p_reservation_token`` holds the key.
 COMPLETE_FENCED: Final = Statement("complete_fenced", lambda d: _build_complete(d, fenced=True))
 GET: Final = Statement("get", lambda d: sa.select(*_returning()).where(_tenant_match()))
+GET_BY_ID: Final = Statement(
+    "get_by_id", lambda d: sa.select(*_returning()).where(R.c.record_id == _p("record_id"))
+)
 RELEASE: Final = Statement("release", _build_release)
 #: :data:`RELEASE` only while the reservation of ``p_reservation_token`` holds the key.
 RELEASE_FENCED: Final = Statement("release_fenced", lambda d: _build_release(d, fenced=True))

@@ -1,10 +1,11 @@
 """Database -> JSON key file: the export, as the Rust module writes its file (records in key
-order, each under the key it is stored by, through a fsynced temp file and a rename)."""
+order, each under the key it is stored by, through a fsynced temp file and a rename), or the
+same text to an open stream (``idemstore export -``)."""
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import sqlalchemy as sa
 
@@ -13,7 +14,7 @@ from ..db.driver import Driver
 from ..db.ops import Call
 from ..store import IdempotencyStore
 from .importer import sync_store
-from .writer import check_writable, write_entries
+from .writer import check_writable, write_entries, write_entries_to
 
 if TYPE_CHECKING:
     from ..aio import AsyncIdempotencyStore
@@ -21,17 +22,26 @@ if TYPE_CHECKING:
 __all__ = ["export_call", "export_file", "export_file_async"]
 
 
-def export_call(path: str | os.PathLike[str]) -> Call[int]:
-    """Writing every record to a versioned file, as one read transaction. A path that cannot
-    be written (a directory, a missing folder) is refused here, before any transaction
+def export_call(target: str | os.PathLike[str] | TextIO) -> Call[int]:
+    """Writing every record to a versioned file, as one read transaction. ``target``: a path
+    (through a fsynced temporary file and a rename), or an open text stream written as the
+    records come (e.g. standard output; not flushed). A path that cannot be written (a
+    directory, a missing folder) is refused here, before any transaction
     (:class:`InvalidInputError`), as is one that fails while writing."""
-    target = os.fspath(path)
-    check_writable(target)
+    path: str | None = None
+    stream: TextIO | None = None
+    if isinstance(target, str | os.PathLike):
+        path = os.fspath(target)
+        check_writable(path)
+    else:
+        stream = target
 
     def run(d: Driver) -> int:
         entries = bulk.iter_entries(d)
         try:
-            return write_entries(target, entries)
+            if stream is not None:
+                return write_entries_to(stream, entries)
+            return write_entries(str(path), entries)
         finally:
             entries.close()  # its cursor, while the connection is open (also on an error)
 

@@ -293,6 +293,12 @@ def _write_stream(out: TextIO, entries: Iterable[Entry]) -> int:
     return count
 
 
+def write_entries_to(out: TextIO, entries: Iterable[Entry]) -> int:
+    """:func:`write_entries` to an open text stream ``out`` (e.g. standard output): the same
+    text, written as it goes, nothing flushed or synced; the record count."""
+    return _write_stream(out, entries)
+
+
 def dumps_records(records: Iterable[IdempotencyRecord]) -> str:
     """The whole versioned file as a string (for small stores and tests)."""
     buf = io.StringIO()
