@@ -29,7 +29,7 @@ from .db.runner import run_in_caller
 from .defaults import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_SYNCHRONOUS
 from .errors import ConfigurationError
 from .model import IdempotencyRecord, Outcome, Reservation, Stats, TenantContext
-from .rules import DEFAULT_PURGE_BATCH
+from .rules import DEFAULT_PURGE_BATCH, Duration
 
 T = TypeVar("T")
 AsyncConnectionLike = AsyncConnection | AsyncSession
@@ -227,6 +227,8 @@ class AsyncIdempotencyStore:
         first_seen_event_id: str | None = None,
         expires_at_ms: int | None = None,
         now_ms: int | None = None,
+        lease: Duration | None = None,
+        ttl: Duration | None = None,
         connection: AsyncConnectionLike | None = None,
     ) -> Reservation:
         """Reserve ``key``: :class:`Reserved`, :class:`Duplicate` or :class:`Conflict`."""
@@ -239,6 +241,8 @@ class AsyncIdempotencyStore:
             first_seen_event_id=first_seen_event_id,
             expires_at_ms=expires_at_ms,
             now_ms=now_ms,
+            lease=lease,
+            ttl=ttl,
         )
         return await self.run(call, connection=connection)
 
@@ -250,10 +254,11 @@ class AsyncIdempotencyStore:
         outcome: Outcome,
         *,
         now_ms: int | None = None,
+        token: str | None = None,
         connection: AsyncConnectionLike | None = None,
     ) -> IdempotencyRecord | None:
         """Record the outcome; None when this tenant has no such record."""
-        call = ops.complete(tenant, operation, key, outcome, now_ms=now_ms)
+        call = ops.complete(tenant, operation, key, outcome, now_ms=now_ms, token=token)
         return await self.run(call, connection=connection)
 
     async def get(
@@ -274,10 +279,28 @@ class AsyncIdempotencyStore:
         key: str,
         request_fingerprint: str,
         *,
+        token: str | None = None,
         connection: AsyncConnectionLike | None = None,
     ) -> bool:
         """Delete a still-``reserved`` record whose fingerprint matches; whether it did."""
-        call = ops.release(tenant, operation, key, request_fingerprint)
+        call = ops.release(tenant, operation, key, request_fingerprint, token=token)
+        return await self.run(call, connection=connection)
+
+    async def renew(
+        self,
+        tenant: TenantContext,
+        operation: str,
+        key: str,
+        token: str,
+        *,
+        lease: Duration,
+        now_ms: int | None = None,
+        connection: AsyncConnectionLike | None = None,
+    ) -> int:
+        """Extend the lease of the reservation ``token`` names to ``now + lease``; the new
+        ``lease_expires_at_ms``. Raises :class:`~idemstore.LeaseLostError` (nothing written)
+        when the token no longer holds the key."""
+        call = ops.renew(tenant, operation, key, token, lease=lease, now_ms=now_ms)
         return await self.run(call, connection=connection)
 
     async def purge_expired(

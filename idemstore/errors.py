@@ -6,6 +6,11 @@ can catch one type. Each class's docstring says what it means; its message says 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .model import IdempotencyRecord
+
 
 class IdemstoreError(Exception):
     """Base class of every error idemstore raises on purpose."""
@@ -74,12 +79,43 @@ class FileFormatError(IdemstoreError, ValueError):
         super().__init__(": ".join([", ".join(where), message]) if where else message)
 
 
+class LeaseLostError(IdemstoreError):
+    """The reservation named by a token no longer holds the key: it was re-claimed after its
+    lease ended, released, completed over by another holder, or replaced after it expired (or
+    its key is gone). The ``complete``, ``renew`` or ``release`` that raised it wrote nothing;
+    its work's outcome must not be taken as the key's."""
+
+
+class InProgressError(IdemstoreError):
+    """Another caller holds the key and is still working on it (``run_once`` found a live
+    reservation and did not wait, or waited in vain). ``record`` is the key's record;
+    ``lease_expires_at_ms`` when its holder's lease ends (None: reserved without a lease, no
+    end known). Retry later."""
+
+    def __init__(self, message: str, *, record: IdempotencyRecord) -> None:
+        super().__init__(message)
+        self.record = record
+        self.lease_expires_at_ms = record.lease_expires_at_ms
+
+
+class ConflictError(IdemstoreError):
+    """The key was used before by a different request (another fingerprint): ``record`` is
+    the key's record. Reject the request; do not run its work."""
+
+    def __init__(self, message: str, *, record: IdempotencyRecord) -> None:
+        super().__init__(message)
+        self.record = record
+
+
 __all__ = [
     "ConfigurationError",
+    "ConflictError",
     "ConnectionLostError",
     "FileFormatError",
     "IdemstoreError",
+    "InProgressError",
     "InvalidInputError",
+    "LeaseLostError",
     "LockTimeoutError",
     "SchemaNotReadyError",
     "StoreClosedError",

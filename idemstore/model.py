@@ -6,6 +6,7 @@ enum values are the JSON strings. Nothing here does SQL or I/O.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -86,7 +87,16 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class IdempotencyRecord:
-    """One idempotency key, with every field of the Rust record."""
+    """One idempotency key, with every field of the Rust record, and idemstore's own
+    ``lease_expires_at_ms``.
+
+    ``lease_expires_at_ms`` (milliseconds since the Unix epoch, or None) is set by a
+    ``reserve(..., lease=...)`` and moved on by ``renew``: until then the reservation's holder
+    is working on it; from then on (``lease_expires_at_ms <= now``) a ``reserve`` with the same
+    fingerprint re-claims it. None: reserved without a lease, never re-claimed (the Rust
+    store's rule). It is not part of the Rust JSON file: an export drops it, an import sets
+    none.
+    """
 
     schema_version: int = RECORD_SCHEMA_VERSION
     record_id: str
@@ -103,30 +113,60 @@ class IdempotencyRecord:
     outcome: Outcome | None = None
     conflict_count: int = 0
     conflict_fingerprints: tuple[str, ...] = field(default=())
+    lease_expires_at_ms: int | None = None
 
     def tenant_matches(self, tenant: TenantContext) -> bool:
         """Whether ``tenant`` may see this record (org, workspace, deployment)."""
         return self.tenant_context.matches(tenant)
 
     @property
+    def in_progress_until_ms(self) -> int | None:
+        """Until when the reservation's holder is working on it: its ``lease_expires_at_ms``
+        while the record is ``reserved`` without an outcome, else None.
+
+        At or after that time (``now_ms() >= in_progress_until_ms``) the holder's lease has
+        ended and a ``reserve`` with the same fingerprint re-claims the key. None with
+        ``status`` ``reserved`` and no outcome means a reservation made without a lease: no
+        one can tell whether its holder is still working (the Rust store's rule; it is never
+        re-claimed, only released, completed or expired)."""
+        if self.status is RecordStatus.RESERVED and self.outcome is None:
+            return self.lease_expires_at_ms
+        return None
+
+    @property
     def is_orphaned_reservation(self) -> bool:
-        """Still ``reserved`` with no outcome: the first caller may have died before completing."""
+        """Deprecated (it never knew): True when the record is ``reserved`` without an outcome,
+        whether its holder is still working or died. Use :attr:`in_progress_until_ms` and
+        reservations with a ``lease``, which say until when the holder has the key."""
+        warnings.warn(
+            "is_orphaned_reservation is deprecated: it is true for every reservation without an "
+            "outcome, live or not; reserve with lease= and read in_progress_until_ms",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return self.status is RecordStatus.RESERVED and self.outcome is None
 
 
 @dataclass(frozen=True, slots=True)
 class Reserved:
-    """The caller holds the key: do the work, then ``complete`` (or ``release`` on failure)."""
+    """The caller holds the key: do the work, then ``complete`` (or ``release`` on failure),
+    passing ``token`` to both so that they write only while this reservation still holds.
+
+    ``token`` is an opaque string naming this reservation: a new one on every ``Reserved``,
+    also when a reservation whose lease ended is re-claimed (``match r: case
+    Reserved(record, token)``)."""
 
     record: IdempotencyRecord
+    token: str
 
 
 @dataclass(frozen=True, slots=True)
 class Duplicate:
     """The same request was seen before: replay ``record.outcome``.
 
-    A duplicate still ``reserved`` with no outcome is an orphaned reservation
-    (``record.is_orphaned_reservation``): the first caller may have died mid-work.
+    A duplicate without an outcome is a reservation still in progress: with a lease, its
+    holder has the key until ``record.in_progress_until_ms`` (then a ``reserve`` re-claims
+    it); without one, no one can tell whether its holder is still working.
     """
 
     record: IdempotencyRecord

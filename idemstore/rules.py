@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from datetime import timedelta
 from typing import Final
 
 from . import jsonvalue
@@ -113,6 +114,38 @@ def now_ms() -> int:
 def now_or(value: int | None) -> int:
     """``value`` (checked as a u64 named ``now_ms``), or the clock when it is None."""
     return now_ms() if value is None else u64(value, "now_ms")
+
+
+#: A lease or ttl: a ``timedelta``, or an int of milliseconds.
+Duration = timedelta | int
+
+
+def duration_ms(value: Duration, name: str) -> int:
+    """``value`` (a ``timedelta``, or an int of milliseconds) in whole milliseconds (a
+    ``timedelta`` rounded down), if that is at least 1 ms; else :class:`InvalidInputError`
+    naming ``name``."""
+    if isinstance(value, timedelta):
+        ms = value // timedelta(milliseconds=1)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        ms = value
+    else:
+        raise InvalidInputError(
+            f"{name} must be a timedelta or an int of milliseconds, not {type(value).__name__}"
+        )
+    if ms < 1:
+        raise InvalidInputError(f"{name} must be at least 1 millisecond, not {value!r}")
+    return ms
+
+
+def after(now: int, value: Duration, name: str) -> int:
+    """``now`` plus the duration ``value`` (:func:`duration_ms`), in milliseconds since the
+    epoch; :class:`InvalidInputError` naming ``name`` when that is beyond 2^64-1."""
+    end = now + duration_ms(value, name)
+    if end > U64_MAX:
+        raise InvalidInputError(
+            f"{name} ends after 2^64-1 ms since the epoch: {value!r} is too long"
+        )
+    return end
 
 
 def outcome(value: Outcome) -> Outcome:
@@ -249,9 +282,12 @@ __all__ = [
     "MAX_PURGE_BATCH",
     "RUST_WHITESPACE",
     "U32_MAX",
+    "Duration",
+    "after",
     "check_unicode",
     "dump_checked_details",
     "dump_details",
+    "duration_ms",
     "non_empty",
     "now_ms",
     "now_or",

@@ -16,7 +16,7 @@ from .db.runner import run_in_caller, run_owned
 from .defaults import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_SYNCHRONOUS
 from .errors import ConfigurationError, StoreClosedError
 from .model import IdempotencyRecord, Outcome, Reservation, Stats, TenantContext
-from .rules import DEFAULT_PURGE_BATCH
+from .rules import DEFAULT_PURGE_BATCH, Duration
 
 if TYPE_CHECKING:
     from .db.runner import SyncConnectionLike
@@ -170,6 +170,8 @@ class IdempotencyStore:
         first_seen_event_id: str | None = None,
         expires_at_ms: int | None = None,
         now_ms: int | None = None,
+        lease: Duration | None = None,
+        ttl: Duration | None = None,
         connection: SyncConnectionLike | None = None,
     ) -> Reservation:
         """Reserve ``key``: :class:`Reserved`, :class:`Duplicate` or :class:`Conflict`."""
@@ -182,6 +184,8 @@ class IdempotencyStore:
             first_seen_event_id=first_seen_event_id,
             expires_at_ms=expires_at_ms,
             now_ms=now_ms,
+            lease=lease,
+            ttl=ttl,
         )
         return self.run(call, connection=connection)
 
@@ -193,11 +197,13 @@ class IdempotencyStore:
         outcome: Outcome,
         *,
         now_ms: int | None = None,
+        token: str | None = None,
         connection: SyncConnectionLike | None = None,
     ) -> IdempotencyRecord | None:
         """Record the outcome; None when this tenant has no such record."""
         return self.run(
-            ops.complete(tenant, operation, key, outcome, now_ms=now_ms), connection=connection
+            ops.complete(tenant, operation, key, outcome, now_ms=now_ms, token=token),
+            connection=connection,
         )
 
     def get(
@@ -218,12 +224,31 @@ class IdempotencyStore:
         key: str,
         request_fingerprint: str,
         *,
+        token: str | None = None,
         connection: SyncConnectionLike | None = None,
     ) -> bool:
         """Delete a still-``reserved`` record whose fingerprint matches; whether it did."""
         return self.run(
-            ops.release(tenant, operation, key, request_fingerprint), connection=connection
+            ops.release(tenant, operation, key, request_fingerprint, token=token),
+            connection=connection,
         )
+
+    def renew(
+        self,
+        tenant: TenantContext,
+        operation: str,
+        key: str,
+        token: str,
+        *,
+        lease: Duration,
+        now_ms: int | None = None,
+        connection: SyncConnectionLike | None = None,
+    ) -> int:
+        """Extend the lease of the reservation ``token`` names to ``now + lease``; the new
+        ``lease_expires_at_ms``. Raises :class:`~idemstore.LeaseLostError` (nothing written)
+        when the token no longer holds the key."""
+        call = ops.renew(tenant, operation, key, token, lease=lease, now_ms=now_ms)
+        return self.run(call, connection=connection)
 
     def purge_expired(
         self,

@@ -114,7 +114,7 @@ class RefModel:
         ):
             record = fresh()
             self.records[record_id] = record
-            return Reserved(record)
+            return Reserved(record, "")
         # 2. same fingerprint: touch, whatever the status
         if existing is not None and existing.request_fingerprint == request_fingerprint:
             record = replace(existing, last_seen_at_ms=now_ms)
@@ -137,7 +137,7 @@ class RefModel:
         # 4. no record
         record = fresh()
         self.records[record_id] = record
-        return Reserved(record)
+        return Reserved(record, "")
 
     def complete(
         self,

@@ -176,7 +176,7 @@ def test_migration_0002_keeps_every_row_up_and_down(database: Database):
         _populate_0001(conn)
         before = _rows(conn)
     with engine.begin() as conn:
-        idem_migrate.upgrade(conn)
+        idem_migrate.upgrade(conn, "0002_record_id_field")
         assert idem_migrate.current_revision(conn) == "0002_record_id_field"
         assert _rows(conn) == before
         assert conn.execute(

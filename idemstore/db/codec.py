@@ -69,6 +69,7 @@ RECORD_COLUMNS: Final = (
     "outcome_details",
     "conflict_count",
     "record_id_field",
+    "lease_expires_at_ms",
     "reservation_token",
 )
 #: Columns holding a Rust ``u64``, stored shifted (:func:`encode_u64`).
@@ -79,6 +80,7 @@ U64_COLUMNS: Final = frozenset(
         "expires_at_ms",
         "outcome_completed_at_ms",
         "conflict_count",
+        "lease_expires_at_ms",
     )
 )
 #: The tenant's five columns and the outcome's seven, each in row order.
@@ -88,6 +90,25 @@ OUTCOME_COLUMNS: Final = tuple(c for c in RECORD_COLUMNS if c.startswith("outcom
 KEY: Final = RECORD_COLUMNS.index("record_id")
 FINGERPRINT: Final = RECORD_COLUMNS.index("request_fingerprint")
 TOKEN: Final = RECORD_COLUMNS.index("reservation_token")
+LEASE: Final = RECORD_COLUMNS.index("lease_expires_at_ms")
+
+
+def token_text(token: int) -> str:
+    """The opaque token a caller is handed (``Reserved.token``) for a stored
+    ``reservation_token``."""
+    return format(token, "x")
+
+
+def token_value(text: str) -> int | None:
+    """The stored ``reservation_token`` a caller's token names; None if it names none (it is
+    not a token :func:`token_text` made)."""
+    if not isinstance(text, str) or not 0 < len(text) <= 16:
+        return None
+    try:
+        value = int(text, 16)
+    except ValueError:
+        return None
+    return value if token_text(value) == text and value < 2**63 else None
 
 
 def encode_u64(value: int) -> int:
@@ -130,6 +151,7 @@ def make_row(
     outcome_details: str | None,
     conflict_count: int,
     record_id_field: str | None,
+    lease_expires_at_ms: int | None,
     reservation_token: int,
 ) -> Row:
     """A row from its values as the record holds them (u64 values as they are, details as
@@ -161,6 +183,7 @@ def make_row(
         outcome_details,
         conflict_count - U64_SHIFT,
         record_id_field,
+        None if lease_expires_at_ms is None else lease_expires_at_ms - U64_SHIFT,
         reservation_token,
     )
 
@@ -236,6 +259,7 @@ def full_row(record: IdempotencyRecord, token: int, key: str | None = None) -> R
         *outcome_values(record.outcome),  # type: ignore[arg-type]
         record.conflict_count,
         field_of(key, record.record_id),
+        record.lease_expires_at_ms,
         token,
     )
 
@@ -282,6 +306,7 @@ def record_from_row(row: Sequence[Any], fingerprints: Sequence[str] = ()) -> Ide
         details,
         conflict_count,
         record_id_field,
+        lease_expires_at_ms,
         _token,
     ) = row
     outcome = None
@@ -313,12 +338,16 @@ def record_from_row(row: Sequence[Any], fingerprints: Sequence[str] = ()) -> Ide
         outcome=outcome,
         conflict_count=decode_u64(conflict_count),
         conflict_fingerprints=tuple(fingerprints),
+        lease_expires_at_ms=None
+        if lease_expires_at_ms is None
+        else decode_u64(lease_expires_at_ms),
     )
 
 
 __all__ = [
     "FINGERPRINT",
     "KEY",
+    "LEASE",
     "NO_OUTCOME",
     "OUTCOME_COLUMNS",
     "RECORD_COLUMNS",
@@ -340,4 +369,6 @@ __all__ = [
     "record_row",
     "stored_outcome",
     "tenant_values",
+    "token_text",
+    "token_value",
 ]

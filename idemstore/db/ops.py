@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
 from .. import rules
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, LeaseLostError
 from ..ids import idempotency_record_id
 from ..model import (
     Conflict,
@@ -29,9 +29,17 @@ from ..model import (
     Stats,
     TenantContext,
 )
-from ..rules import DEFAULT_PURGE_BATCH
+from ..rules import DEFAULT_PURGE_BATCH, Duration
 from . import statements as S
-from .codec import FINGERPRINT, TOKEN, encode_u64, record_from_row
+from .codec import (
+    FINGERPRINT,
+    TOKEN,
+    decode_u64,
+    encode_u64,
+    record_from_row,
+    token_text,
+    token_value,
+)
 from .driver import Driver
 
 T = TypeVar("T")
@@ -50,6 +58,21 @@ def _fingerprints(d: Driver, record_id: str) -> list[str]:
     return [row[0] for row in d.execute(S.FINGERPRINTS_SELECT, {"p_record_id": record_id})]
 
 
+def _token(token: str) -> int:
+    value = token_value(token)
+    if value is None:
+        raise InvalidInputError(f"token must be a token a reservation handed out, not {token!r}")
+    return value
+
+
+def _lost(what: str, operation: str, key: str) -> LeaseLostError:
+    return LeaseLostError(
+        f"{what}: the reservation of {operation!r} key {key!r} this token named no longer "
+        "holds it (its lease ended and it was re-claimed, or it was released, replaced or "
+        "removed); nothing was written"
+    )
+
+
 def fresh_record(
     tenant: TenantContext,
     operation: str,
@@ -60,6 +83,7 @@ def fresh_record(
     *,
     first_seen_event_id: str | None = None,
     expires_at_ms: int | None = None,
+    lease_expires_at_ms: int | None = None,
 ) -> IdempotencyRecord:
     """The record a reservation writes when it creates a key (inputs already checked)."""
     return IdempotencyRecord(
@@ -74,6 +98,7 @@ def fresh_record(
         last_seen_at_ms=now,
         first_seen_event_id=first_seen_event_id,
         expires_at_ms=expires_at_ms,
+        lease_expires_at_ms=lease_expires_at_ms,
     )
 
 
@@ -87,11 +112,16 @@ def reserve(
     first_seen_event_id: str | None = None,
     expires_at_ms: int | None = None,
     now_ms: int | None = None,
+    lease: Duration | None = None,
+    ttl: Duration | None = None,
 ) -> Call[Reservation]:
-    """Reserve a key: one upsert whose CASE expressions are the Rust reserve's four branches.
+    """Reserve a key: one upsert whose CASE expressions are the Rust reserve's four branches
+    and the re-claim of a reservation whose lease ended (same fingerprint, ``reserved``, no
+    outcome, ``lease_expires_at_ms <= now``: a new owner, lease and token, the rest kept).
 
     Raises :class:`~idemstore.InvalidInputError` for a blank key, operation, owner or
-    fingerprint (the Rust messages) or a value out of range."""
+    fingerprint (the Rust messages), a value out of range, a lease or ttl under 1 ms, or both
+    ``ttl`` and ``expires_at_ms``."""
     key = rules.non_empty(key, "idempotency key")
     operation = rules.non_empty(operation, "idempotency operation")
     owner = rules.non_empty(owner, "idempotency owner")
@@ -100,15 +130,21 @@ def reserve(
     rules.optional_str(first_seen_event_id, "first_seen_event_id")
     if expires_at_ms is not None:
         rules.u64(expires_at_ms, "expires_at_ms")
+    now = rules.now_or(now_ms)
+    if ttl is not None:
+        if expires_at_ms is not None:
+            raise InvalidInputError("pass ttl or expires_at_ms, not both (ttl sets expires_at_ms)")
+        expires_at_ms = rules.after(now, ttl, "ttl")
     fresh = fresh_record(
         tenant,
         operation,
         key,
         owner,
         fingerprint,
-        rules.now_or(now_ms),
+        now,
         first_seen_event_id=first_seen_event_id,
         expires_at_ms=expires_at_ms,
+        lease_expires_at_ms=None if lease is None else rules.after(now, lease, "lease"),
     )
     record_id = fresh.record_id
 
@@ -116,10 +152,11 @@ def reserve(
         token = secrets.randbits(63)
         (row,) = d.execute(S.RESERVE, S.record_params(fresh, token))
         if row[TOKEN] == token:
-            # This call created the current generation (new, or an expired record replaced):
-            # its conflict history, if any, goes with the old generation.
+            # This call created the current generation (new, an expired record replaced, or a
+            # reservation whose lease ended re-claimed): its conflict history, if any, goes
+            # with the old generation (a re-claimed record, still reserved, has none).
             d.execute(S.FINGERPRINTS_DELETE, {"p_record_id": record_id})
-            return Reserved(record_from_row(row))
+            return Reserved(record_from_row(row), token_text(token))
         if row[FINGERPRINT] == fingerprint:
             return Duplicate(record_from_row(row, _fingerprints(d, record_id)))
         d.execute(S.FINGERPRINTS_INSERT, {"p_record_id": record_id, "p_fingerprint": fingerprint})
@@ -135,9 +172,12 @@ def complete(
     outcome: Outcome,
     *,
     now_ms: int | None = None,
+    token: str | None = None,
 ) -> Call[IdempotencyRecord | None]:
     """Set a record of the same tenant to completed with ``outcome``, whatever its status;
-    the record, or None when this tenant has none. Raises
+    the record, or None when this tenant has none. With ``token``, only while the
+    reservation it names holds the key (one ``UPDATE ... WHERE reservation_token = ...``),
+    else :class:`~idemstore.LeaseLostError` and nothing written. Raises
     :class:`~idemstore.InvalidInputError` for bad arguments (details included)."""
     operation = rules.non_empty(operation, "idempotency operation")
     key = rules.non_empty(key, "idempotency key")
@@ -145,11 +185,15 @@ def complete(
     outcome = rules.outcome(outcome)
     now = rules.now_or(now_ms)
     record_id = idempotency_record_id(tenant, operation, key)
-    params = S.complete_params(tenant, record_id, outcome, now)
+    fence = None if token is None else _token(token)
+    params = S.complete_params(tenant, record_id, outcome, now, fence)
+    statement = S.COMPLETE if fence is None else S.COMPLETE_FENCED
 
     def run(d: Driver) -> IdempotencyRecord | None:
-        rows = d.execute(S.COMPLETE, params)
+        rows = d.execute(statement, params)
         if not rows:
+            if fence is not None:
+                raise _lost("complete refused", operation, key)
             return None
         return record_from_row(rows[0], _fingerprints(d, record_id))
 
@@ -177,19 +221,60 @@ def get(tenant: TenantContext, operation: str, key: str) -> Call[IdempotencyReco
 
 
 def release(
-    tenant: TenantContext, operation: str, key: str, request_fingerprint: str
+    tenant: TenantContext,
+    operation: str,
+    key: str,
+    request_fingerprint: str,
+    *,
+    token: str | None = None,
 ) -> Call[bool]:
     """Delete a record of this tenant while it is still ``reserved`` and the fingerprint
-    matches (the work failed: a retry starts clean). Returns whether a record was deleted."""
+    matches (the work failed: a retry starts clean), and with ``token`` only while the
+    reservation it names holds the key. Returns whether a record was deleted."""
     operation = rules.non_empty(operation, "idempotency operation")
     key = rules.non_empty(key, "idempotency key")
     fingerprint = rules.non_empty(request_fingerprint, "idempotency fingerprint")
     tenant = rules.tenant(tenant)
     record_id = idempotency_record_id(tenant, operation, key)
     params = {**S.tenant_params(tenant, record_id), "p_request_fingerprint": fingerprint}
+    statement = S.RELEASE
+    if token is not None:
+        params["p_reservation_token"] = _token(token)
+        statement = S.RELEASE_FENCED
 
     def run(d: Driver) -> bool:
-        return bool(d.execute(S.RELEASE, params))
+        return bool(d.execute(statement, params))
+
+    return Call("write", run)
+
+
+def renew(
+    tenant: TenantContext,
+    operation: str,
+    key: str,
+    token: str,
+    *,
+    lease: Duration,
+    now_ms: int | None = None,
+) -> Call[int]:
+    """Move the lease of the reservation ``token`` names to ``now + lease``; returns the new
+    ``lease_expires_at_ms``. One ``UPDATE ... WHERE reservation_token = ...``: when the token
+    no longer holds the key, or the record has its outcome already,
+    :class:`~idemstore.LeaseLostError` and nothing written. A lease that ended but was not
+    re-claimed yet is still the token's, and renews. Raises
+    :class:`~idemstore.InvalidInputError` for bad arguments."""
+    operation = rules.non_empty(operation, "idempotency operation")
+    key = rules.non_empty(key, "idempotency key")
+    tenant = rules.tenant(tenant)
+    end = rules.after(rules.now_or(now_ms), lease, "lease")
+    record_id = idempotency_record_id(tenant, operation, key)
+    params = S.renew_params(tenant, record_id, _token(token), end)
+
+    def run(d: Driver) -> int:
+        rows = d.execute(S.RENEW, params)
+        if not rows:
+            raise _lost("renew refused", operation, key)
+        return decode_u64(rows[0][0])
 
     return Call("write", run)
 
@@ -239,6 +324,7 @@ __all__ = [
     "get",
     "purge_expired",
     "release",
+    "renew",
     "reserve",
     "schema_revisions",
     "stats",

@@ -18,7 +18,11 @@ from .codec import RECORD_COLUMNS, decode_u64, encode_u64
 #: Every Alembic revision this version of the package knows, oldest first: one line per
 #: script in ``migrations/versions`` (a test keeps them equal). Opening a store compares the
 #: version table with these, without loading Alembic.
-SCHEMA_REVISIONS: Final[tuple[str, ...]] = ("0001_initial", "0002_record_id_field")
+SCHEMA_REVISIONS: Final[tuple[str, ...]] = (
+    "0001_initial",
+    "0002_record_id_field",
+    "0003_leases",
+)
 #: The revision this version of the package needs: the head of ``migrations/``.
 SCHEMA_REVISION: Final = SCHEMA_REVISIONS[-1]
 #: Alembic's version table for idemstore, kept apart from a host app's ``alembic_version``.
@@ -82,6 +86,9 @@ records = sa.Table(
     # The record's own record_id field where it is not its key (a record imported under
     # another map key, or with an empty field); NULL otherwise (revision 0002).
     sa.Column("record_id_field", sa.String, nullable=True),
+    # idemstore's own (not in the Rust file): until when the reservation's holder has the key;
+    # NULL for a reservation without a lease, never re-claimed (revision 0003).
+    sa.Column("lease_expires_at_ms", UInt64, nullable=True),
     # Random per reservation: tells the caller whose upsert created the current generation,
     # so Reserved vs Duplicate is exact even within one millisecond.
     sa.Column("reservation_token", sa.BigInteger, nullable=False),

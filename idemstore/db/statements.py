@@ -50,12 +50,24 @@ def tenant_params(tenant: TenantContext, record_id: str) -> dict[str, Any]:
 
 
 def complete_params(
-    tenant: TenantContext, record_id: str, outcome: Outcome, now: int
+    tenant: TenantContext, record_id: str, outcome: Outcome, now: int, token: int | None = None
 ) -> dict[str, Any]:
-    """Binds of :data:`COMPLETE`."""
+    """Binds of :data:`COMPLETE` (and, with ``token``, :data:`COMPLETE_FENCED`)."""
     params = tenant_params(tenant, record_id)
     params.update({f"p_{name}": value for name, value in stored_outcome(outcome).items()})
     params["p_now"] = encode_u64(now)
+    if token is not None:
+        params["p_reservation_token"] = token
+    return params
+
+
+def renew_params(
+    tenant: TenantContext, record_id: str, token: int, lease_expires_at_ms: int
+) -> dict[str, Any]:
+    """Binds of :data:`RENEW`."""
+    params = tenant_params(tenant, record_id)
+    params["p_reservation_token"] = token
+    params["p_lease_expires_at_ms"] = encode_u64(lease_expires_at_ms)
     return params
 
 
@@ -104,6 +116,9 @@ _FRESH: Final = tuple(
     for c in R.columns
     if c.name not in {"record_id", "status", "last_seen_at_ms", "conflict_count"}
 )
+#: Columns a reservation takes over when it re-claims a reservation whose lease ended (the
+#: new holder's; ``last_seen_at_ms`` is every reservation's; ``first_seen_*`` and the rest kept).
+_RECLAIMED: Final = frozenset({"owner", "lease_expires_at_ms", "reservation_token"})
 
 
 def _build_reserve(dialect: Dialect) -> ClauseElement:
@@ -114,7 +129,21 @@ def _build_reserve(dialect: Dialect) -> ClauseElement:
     # The four branches of the Rust reserve, in its order, against the existing row:
     expired = sa.and_(R.c.expires_at_ms.is_not(None), R.c.expires_at_ms <= new.last_seen_at_ms)
     same = R.c.request_fingerprint == new.request_fingerprint
-    set_: dict[str, Any] = {name: sa.case((expired, new[name]), else_=R.c[name]) for name in _FRESH}
+    # idemstore's lease (none on a record reserved without one: then the Rust rules alone):
+    # the same request finds a reservation without outcome whose lease ended, and takes it.
+    reclaim = sa.and_(
+        same,
+        R.c.status == _lit(f"'{RecordStatus.RESERVED.value}'"),
+        R.c.outcome_kind.is_(None),
+        R.c.lease_expires_at_ms.is_not(None),
+        R.c.lease_expires_at_ms <= new.last_seen_at_ms,
+    )
+    set_: dict[str, Any] = {
+        name: sa.case((expired, new[name]), (reclaim, new[name]), else_=R.c[name])
+        if name in _RECLAIMED
+        else sa.case((expired, new[name]), else_=R.c[name])
+        for name in _FRESH
+    }
     set_["status"] = sa.case(
         (expired, new.status), (same, R.c.status), else_=_lit(f"'{RecordStatus.CONFLICTED.value}'")
     )
@@ -129,10 +158,17 @@ def _build_reserve(dialect: Dialect) -> ClauseElement:
     return upsert.returning(*_returning())  # type: ignore[no-any-return]
 
 
-def _build_complete(dialect: Dialect) -> ClauseElement:
+def _fenced() -> sa.ColumnElement[bool]:
+    # The reservation a token names still holds the key: every new generation of a record
+    # (created, replaced after expiry, re-claimed) writes a new random token.
+    return R.c.reservation_token == _p("reservation_token", sa.BigInteger())
+
+
+def _build_complete(dialect: Dialect, fenced: bool = False) -> ClauseElement:
+    where = [_tenant_match(), _fenced()] if fenced else [_tenant_match()]
     return (
         sa.update(R)
-        .where(_tenant_match())
+        .where(*where)
         .values(
             status=_lit(f"'{RecordStatus.COMPLETED.value}'"),
             outcome_kind=_p("outcome_kind"),
@@ -148,15 +184,24 @@ def _build_complete(dialect: Dialect) -> ClauseElement:
     )
 
 
-def _build_release(dialect: Dialect) -> ClauseElement:
+def _build_release(dialect: Dialect, fenced: bool = False) -> ClauseElement:
+    where = [
+        _tenant_match(),
+        R.c.status == _lit(f"'{RecordStatus.RESERVED.value}'"),
+        R.c.request_fingerprint == _p("request_fingerprint"),
+    ]
+    if fenced:
+        where.append(_fenced())
+    return sa.delete(R).where(*where).returning(R.c.record_id)
+
+
+def _build_renew(dialect: Dialect) -> ClauseElement:
+    # Only a reservation still awaiting its outcome has a lease to renew.
     return (
-        sa.delete(R)
-        .where(
-            _tenant_match(),
-            R.c.status == _lit(f"'{RecordStatus.RESERVED.value}'"),
-            R.c.request_fingerprint == _p("request_fingerprint"),
-        )
-        .returning(R.c.record_id)
+        sa.update(R)
+        .where(_tenant_match(), _fenced(), R.c.outcome_kind.is_(None))
+        .values(lease_expires_at_ms=_p("lease_expires_at_ms"))
+        .returning(R.c.lease_expires_at_ms)
     )
 
 
@@ -189,11 +234,19 @@ def _build_stats(dialect: Dialect) -> ClauseElement:
     )
 
 
-#: One upsert whose CASE expressions are the Rust reserve's four branches; returns the row.
+#: One upsert whose CASE expressions are the Rust reserve's four branches and the lease
+#: re-claim; returns the row.
 RESERVE: Final = Statement("reserve", _build_reserve)
 COMPLETE: Final = Statement("complete", _build_complete)
+#: :data:`COMPLETE` only while the reservation of ``p_reservation_token`` holds the key.
+COMPLETE_FENCED: Final = Statement("complete_fenced", lambda d: _build_complete(d, fenced=True))
 GET: Final = Statement("get", lambda d: sa.select(*_returning()).where(_tenant_match()))
 RELEASE: Final = Statement("release", _build_release)
+#: :data:`RELEASE` only while the reservation of ``p_reservation_token`` holds the key.
+RELEASE_FENCED: Final = Statement("release_fenced", lambda d: _build_release(d, fenced=True))
+#: A new ``lease_expires_at_ms`` for the reservation of ``p_reservation_token``, still
+#: without an outcome; returns it (no row: the token no longer holds).
+RENEW: Final = Statement("renew", _build_renew)
 PURGE: Final = Statement("purge", _build_purge)
 STATS: Final = Statement("stats", _build_stats)
 FINGERPRINTS_SELECT: Final = Statement(

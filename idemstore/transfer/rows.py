@@ -381,7 +381,7 @@ class Converter:
         # The codec builds the row (mypy misaligns the unpacked fixed-length tuples).
         row = make_row(
             map_key, sv, *tenant, op, key, owner, fp, status, first, last, event, expires,
-            *outcome, count, field_of(map_key, rid), token,  # type: ignore[arg-type]
+            *outcome, count, field_of(map_key, rid), None, token,  # type: ignore[arg-type]
         )  # fmt: skip
         return row, fingerprints
 
