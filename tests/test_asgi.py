@@ -15,7 +15,14 @@ import httpx
 import pytest
 from fastapi import Request
 
-from idemstore import AsyncIdempotencyStore, ConfigurationError, RecordStatus, TenantContext, now_ms
+from idemstore import (
+    AsyncIdempotencyStore,
+    ConfigurationError,
+    InvalidInputError,
+    RecordStatus,
+    TenantContext,
+    now_ms,
+)
 from idemstore.asgi import (
     DEFAULT_TTL,
     IdempotencyMiddleware,
@@ -369,7 +376,9 @@ async def test_a_stored_response_lives_for_ttl(store, runs):
 
 
 def tenant_from_header(scope: Any) -> TenantContext:
-    org = request_header(scope, "x-org") or ""
+    org = request_header(scope, "x-org")
+    if not org:
+        raise InvalidInputError("send the X-Org header")
     return TenantContext.explicit_user_workspace(org, "main", None, "api")
 
 
@@ -380,11 +389,11 @@ async def test_tenants_from_a_header_keep_equal_keys_apart(store, runs):
         b = await http.post("/orders/1", headers={**KEY, "x-org": "org-b"})
         a2 = await http.post("/orders/1", headers={**KEY, "x-org": "org-a"})
         b2 = await http.post("/orders/1", headers={**KEY, "x-org": "org-b"})
-        blank = await http.post("/orders/1", headers=KEY)  # no org: the store refuses it
+        blank = await http.post("/orders/1", headers=KEY)  # no org: the tenant refuses it
     assert (a.json()["run"], b.json()["run"]) == (1, 2)
     assert (a2.content, b2.content) == (a.content, b.content)
     assert a2.headers["idempotent-replayed"] == b2.headers["idempotent-replayed"] == "true"
-    assert_problem(blank, 400, "request-refused")
+    assert assert_problem(blank, 400, "request-refused")["detail"] == "send the X-Org header"
     assert count(runs) == 2
 
 
