@@ -85,8 +85,9 @@ def build_app(
 
     @app.post("/slow")
     async def slow(request: Request, seconds: float = 0.3) -> dict[str, Any]:
+        """Sleeps ``seconds``, or the X-Sleep header's seconds (not in the fingerprint)."""
         n = await ran(request)
-        await asyncio.sleep(seconds)
+        await asyncio.sleep(float(request.headers.get("x-sleep", seconds)))
         return {"run": n}
 
     @app.post("/stream")
