@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -497,3 +499,29 @@ def test_options_out_of_range_are_refused_in_one_line(options):
     with pytest.raises(ConfigurationError) as refused:
         IdempotencyMiddleware(lambda *a: None, store=None, **options)  # type: ignore[arg-type]
     assert "\n" not in str(refused.value) and next(iter(options)) in str(refused.value)
+
+
+async def test_header_methods_and_replay_header_are_options(store, runs):
+    app = build_app(
+        store, runs, header="X-Request-Key", methods=("patch",), replay_header="X-Again"
+    )
+    async with client(app) as http:
+        posted = [await http.post("/orders/1", headers={"X-Request-Key": "k"}) for _ in range(2)]
+        first = await http.patch("/orders/1", headers={"X-Request-Key": "k"})  # no such route
+        again = await http.patch("/orders/1", headers={"X-Request-Key": "k"})
+        missing = build_app(store, runs, header="X-Request-Key", methods=("POST",), required=True)
+    async with client(missing) as http:
+        problem = assert_problem(await http.post("/orders/1"), 400, "key-missing")
+    assert [p.json()["run"] for p in posted] == [1, 2]  # POST is not guarded here
+    assert first.status_code == again.status_code == 405 and again.headers["x-again"] == "true"
+    assert "X-Request-Key" in problem["title"]
+
+
+def test_the_module_imports_no_framework_and_no_sqlalchemy():
+    code = (
+        "import sys, idemstore.asgi\n"
+        "print(sorted(m for m in ('fastapi', 'starlette', 'httpx', 'uvicorn', 'sqlalchemy')"
+        " if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
