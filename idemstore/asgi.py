@@ -107,9 +107,7 @@ class _Refusal(Exception):
         self.retry_after = retry_after
 
 
-def _milliseconds(value: timedelta | int | None, name: str, *, optional: bool) -> int | None:
-    if value is None and optional:
-        return None
+def _milliseconds(value: timedelta | int, name: str) -> int:
     if isinstance(value, timedelta):
         value = value // timedelta(milliseconds=1)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -335,8 +333,8 @@ class IdempotencyMiddleware:
         self.tenant = tenant
         self.operation = operation
         self.fingerprint = fingerprint
-        self.lease_ms: int = _milliseconds(lease, "lease", optional=False)  # type: ignore[assignment]
-        self.ttl_ms = _milliseconds(ttl, "ttl", optional=True)
+        self.lease_ms = _milliseconds(lease, "lease")
+        self.ttl_ms = None if ttl is None else _milliseconds(ttl, "ttl")
         for name, value in (("max_body", max_body), ("max_key_length", max_key_length)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigurationError(f"{name} must be an int >= 0, not {value!r}")
