@@ -38,6 +38,7 @@ if TYPE_CHECKING:
         TenantContext,
         TenantSource,
     )
+    from .once import idempotent
     from .rules import now_ms
     from .store import IdempotencyStore
     from .transfer.exporter import export_file, export_file_async
@@ -63,6 +64,7 @@ _SOURCES: dict[str, str] = {
     "StoreClosedError": "errors",
     "idempotency_fingerprint": "ids",
     "idempotency_record_id": "ids",
+    "idempotent": "once",
     "ImportReport": "transfer.importer",
     "export_file": "transfer.exporter",
     "export_file_async": "transfer.exporter",
@@ -113,6 +115,7 @@ __all__ = [
     "export_file_async",
     "idempotency_fingerprint",
     "idempotency_record_id",
+    "idempotent",
     "import_file",
     "import_file_async",
     "now_ms",

@@ -29,6 +29,7 @@ from .db.runner import run_in_caller
 from .defaults import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_SYNCHRONOUS
 from .errors import ConfigurationError
 from .model import IdempotencyRecord, Outcome, Reservation, Stats, TenantContext
+from .once import AsyncWork, run_once_async
 from .rules import DEFAULT_PURGE_BATCH, Duration
 
 T = TypeVar("T")
@@ -302,6 +303,47 @@ class AsyncIdempotencyStore:
         when the token no longer holds the key."""
         call = ops.renew(tenant, operation, key, token, lease=lease, now_ms=now_ms)
         return await self.run(call, connection=connection)
+
+    async def run_once(
+        self,
+        tenant: TenantContext,
+        operation: str,
+        key: str,
+        work: AsyncWork,
+        *,
+        owner: str,
+        request_fingerprint: str,
+        lease: Duration | None = None,
+        ttl: Duration | None = None,
+        wait: Duration | None = None,
+        first_seen_event_id: str | None = None,
+    ) -> Outcome:
+        """Run ``work`` once for this key, whichever caller gets there first
+        (:mod:`idemstore.once`). ``work`` is a callable returning an
+        :class:`~idemstore.Outcome` or an awaitable of one (a plain function runs on the
+        event loop).
+
+        As :meth:`IdempotencyStore.run_once`, with the lease renewed from a task. Cancelled
+        while ``work`` runs, the reservation is released with its token (the release runs to
+        its end); cancelled while reserving, a reservation that committed is left to its
+        lease end.
+
+        Returns the key's one outcome. Raises :class:`~idemstore.InProgressError`,
+        :class:`~idemstore.ConflictError`, :class:`~idemstore.LeaseLostError`,
+        :class:`~idemstore.InvalidInputError` and ``work``'s own errors, as the sync store."""
+        return await run_once_async(
+            self,
+            tenant,
+            operation,
+            key,
+            work,
+            owner=owner,
+            request_fingerprint=request_fingerprint,
+            lease=lease,
+            ttl=ttl,
+            wait=wait,
+            first_seen_event_id=first_seen_event_id,
+        )
 
     async def purge_expired(
         self,

@@ -16,6 +16,7 @@ from .db.runner import run_in_caller, run_owned
 from .defaults import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_SYNCHRONOUS
 from .errors import ConfigurationError, StoreClosedError
 from .model import IdempotencyRecord, Outcome, Reservation, Stats, TenantContext
+from .once import Work, run_once
 from .rules import DEFAULT_PURGE_BATCH, Duration
 
 if TYPE_CHECKING:
@@ -249,6 +250,50 @@ class IdempotencyStore:
         when the token no longer holds the key."""
         call = ops.renew(tenant, operation, key, token, lease=lease, now_ms=now_ms)
         return self.run(call, connection=connection)
+
+    def run_once(
+        self,
+        tenant: TenantContext,
+        operation: str,
+        key: str,
+        work: Work,
+        *,
+        owner: str,
+        request_fingerprint: str,
+        lease: Duration | None = None,
+        ttl: Duration | None = None,
+        wait: Duration | None = None,
+        first_seen_event_id: str | None = None,
+    ) -> Outcome:
+        """Run ``work`` (a callable returning an :class:`~idemstore.Outcome`) once for this
+        key, whichever caller gets there first (:mod:`idemstore.once`).
+
+        Reserves with ``owner``, ``request_fingerprint``, ``lease``, ``ttl`` and
+        ``first_seen_event_id`` (see :meth:`reserve`). Reserved: runs ``work``, renewing the
+        lease from a daemon thread (its own pooled connection) while it runs, completes with
+        the token and returns the outcome; if ``work`` raises, releases the key with the token
+        and re-raises. A duplicate with an outcome: returns it, ``work`` not called. Someone
+        else's live reservation: waits up to ``wait`` (``timedelta`` or int ms; None: do not
+        wait) for its outcome or its lease end (then re-claims), polling with back-off.
+
+        Returns the key's one outcome. Raises :class:`~idemstore.InProgressError` (held by
+        another caller past ``wait``), :class:`~idemstore.ConflictError` (the key is another
+        request's), :class:`~idemstore.LeaseLostError` (this call's lease ended and another
+        caller re-claimed the key: ``work``'s outcome was not stored),
+        :class:`~idemstore.InvalidInputError` for bad arguments, and ``work``'s own errors."""
+        return run_once(
+            self,
+            tenant,
+            operation,
+            key,
+            work,
+            owner=owner,
+            request_fingerprint=request_fingerprint,
+            lease=lease,
+            ttl=ttl,
+            wait=wait,
+            first_seen_event_id=first_seen_event_id,
+        )
 
     def purge_expired(
         self,
