@@ -10,7 +10,10 @@ the servers it drives) keeps ``--connections`` requests in flight to ``POST /tri
 
 - ``plain``: no middleware (the baseline; requests carry a key the app ignores);
 - ``fresh``: a new key per request (reserve with a lease, run, complete: two commits);
-- ``replay``: the same few keys again (reserve finds the stored response: one upsert).
+- ``replay``: the same few keys again (reserve finds the stored response: one upsert);
+- ``store``: the store's part of a first request alone (reserve with a lease, complete with
+  the token), no HTTP, from this process at the same concurrency: ``fresh vs store`` says how
+  close the middleware runs to the store's write rate.
 
 Rounds alternate the variants and each figure is the median round. This is a benchmark, not
 a test: the machine is shared, so only the ratios of one run mean anything.
@@ -30,7 +33,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from idemstore import IdempotencyStore
+from idemstore import AsyncIdempotencyStore, IdempotencyStore, Reserved, TenantContext
+from idemstore.asgi import DEFAULT_LEASE, DEFAULT_TTL, stored_response
 from tests.test_asgi_server import Server, server_env, start_server, stop_server
 
 
@@ -94,6 +98,52 @@ async def _load(url: str, connections: int, seconds: float, variant: str, tag: s
     return sum(counts) / (time.monotonic() - start)
 
 
+async def _store_only(db: _Db, connections: int, seconds: float, tag: str) -> float:
+    """The store's part of a first request, without HTTP: reserve with the middleware's lease
+    and ttl, complete with the token; from this process, ``connections`` at a time."""
+    options: dict[str, Any] = {}
+    if db.schema is not None:
+        options["connect_args"] = {"server_settings": {"search_path": db.schema}}
+    store = AsyncIdempotencyStore.from_url(db.url, **options)
+    tenant = TenantContext.local_implicit()
+    keys = itertools.count()
+    lease, ttl = DEFAULT_LEASE, DEFAULT_TTL
+
+    async def worker(until: float) -> int:
+        done = 0
+        while time.monotonic() < until:
+            key = f"{tag}-{next(keys)}"
+            reserved = await store.reserve(
+                tenant, "POST /store", key, "bench", "sha256:x", lease=lease, ttl=ttl
+            )
+            assert isinstance(reserved, Reserved)
+            outcome = stored_response(200, [(b"content-type", b"application/json")], b"{}")
+            await store.complete(tenant, "POST /store", key, outcome, token=reserved.token)
+            done += 1
+        return done
+
+    try:
+        start = time.monotonic()
+        counts = await asyncio.gather(*(worker(start + seconds) for _ in range(connections)))
+        return sum(counts) / (time.monotonic() - start)
+    finally:
+        await store.close()
+
+
+def _measure(
+    variant: str,
+    servers: dict[str, Server],
+    db: _Db,
+    args: argparse.Namespace,
+    seconds: float,
+    tag: str,
+) -> float:
+    if variant == "store":
+        return asyncio.run(_store_only(db, args.connections, seconds, tag))
+    server = servers["plain" if variant == "plain" else "guarded"]
+    return asyncio.run(_load(server.url, args.connections, seconds, variant, tag))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="per round and variant")
@@ -111,17 +161,13 @@ def main() -> None:
                 server_env(db, runs, IDEMSTORE_ASGI_PLAIN="1"), Path(tmp) / "plain.log"
             )
             servers["guarded"] = start_server(server_env(db, runs), Path(tmp) / "guarded.log")
-            figures: dict[str, list[float]] = {"plain": [], "fresh": [], "replay": []}
+            figures: dict[str, list[float]] = {"plain": [], "fresh": [], "replay": [], "store": []}
             tag = f"{os.getpid()}"
             for variant in figures:  # warm-up, not counted
-                server = servers["plain" if variant == "plain" else "guarded"]
-                asyncio.run(_load(server.url, args.connections, 0.5, variant, f"{tag}w"))
+                _measure(variant, servers, db, args, 0.5, f"{tag}w")
             for round_ in range(args.rounds):
                 for variant in figures:
-                    server = servers["plain" if variant == "plain" else "guarded"]
-                    rate = asyncio.run(
-                        _load(server.url, args.connections, args.seconds, variant, f"{tag}{round_}")
-                    )
+                    rate = _measure(variant, servers, db, args, args.seconds, f"{tag}{round_}")
                     figures[variant].append(rate)
         finally:
             for server in servers.values():
@@ -132,11 +178,16 @@ def main() -> None:
         f"store: {url.split('://')[0]}, {args.connections} connections, "
         f"{args.rounds} rounds x {args.seconds:g} s, median round"
     )
-    print(f"{'variant':<8} {'req/s':>8} {'vs plain':>9}   rounds")
+    print(f"{'variant':<8} {'req/s':>8} {'ratio':>6} {'vs':<6}  rounds")
+    store = statistics.median(figures["store"])
     for variant, rates in figures.items():
         median = statistics.median(rates)
+        base, name = (store, "store") if variant == "store" else (plain, "plain")
         shown = ", ".join(f"{r:.0f}" for r in rates)
-        print(f"{variant:<8} {median:>8.0f} {median / plain:>9.2f}   {shown}")
+        print(f"{variant:<8} {median:>8.0f} {median / base:>6.2f} {name:<6}  {shown}")
+    print(f"fresh vs store: {statistics.median(figures['fresh']) / store:.2f}")
+    print("plain: no middleware; fresh: a new key per request; replay: 8 keys per connection")
+    print("again; store: reserve(lease, ttl) + complete(token) alone, no HTTP, same concurrency")
 
 
 if __name__ == "__main__":
