@@ -525,3 +525,21 @@ def test_the_module_imports_no_framework_and_no_sqlalchemy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+async def test_an_app_cancelled_mid_response_releases_the_key(store, runs):
+    app = build_app(store, runs)
+    app.state.gate = asyncio.Event()  # never set: the stream stops after its first part
+    sent: list[dict[str, Any]] = []
+    first = asyncio.create_task(call_asgi(app, "/stream", "c", sent))
+    while len(sent) < 2:
+        await asyncio.sleep(0.01)
+    first.cancel()  # as a server does when the client is gone
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert await store.get(LOCAL, "POST /stream", "c") is None
+    app.state.gate.set()
+    async with client(app) as http:
+        again = await http.post("/stream", headers={"Idempotency-Key": "c"})
+    assert again.status_code == 200 and "idempotent-replayed" not in again.headers
+    assert count(runs) == 2
