@@ -270,7 +270,8 @@ class IdempotencyStore:
 
         Reserves with ``owner``, ``request_fingerprint``, ``lease``, ``ttl`` and
         ``first_seen_event_id`` (see :meth:`reserve`). Reserved: runs ``work``, renewing the
-        lease from a daemon thread (its own pooled connection) while it runs, completes with
+        lease every third of it from a daemon thread (one per process; each renewal a
+        transaction on a pooled connection, not ``work``'s) while it runs, completes with
         the token and returns the outcome; if ``work`` raises, releases the key with the token
         and re-raises. A duplicate with an outcome: returns it, ``work`` not called. Someone
         else's live reservation: waits up to ``wait`` (``timedelta`` or int ms; None: do not

@@ -5,6 +5,14 @@ module, branch for branch, so that the SQL store can be compared against it step
 ``release`` and ``purge_expired`` follow the store's documented contract (the Rust module of
 0.6.5 has neither: ``release`` is 0.7's ``release_reserved_idempotency_key``).
 
+Leases, tokens, ``renew``, ``ttl`` and the fenced ``complete``/``release`` are idemstore's own
+(issue 11), written here from the issue's words: a reservation made with ``lease`` holds the
+key until ``now + lease``; the same fingerprint finding it ``reserved``, without outcome and
+``lease_expires_at_ms <= now`` re-claims it (new token, owner, last seen and lease; first seen
+kept); a token fences: ``complete``/``renew`` with a token that is not the key's current
+generation raise, ``release`` returns False. Tokens here are the model's own names
+(``m1``, ``m2``, ...); the test maps them to the store's.
+
 Nothing here touches a database or reuses the store's code, except the record-id hash
 (:func:`idemstore.idempotency_record_id`, tested against the Rust vectors elsewhere) and the
 plain value classes the store returns, so results compare with ``==``.
@@ -41,6 +49,18 @@ class ModelInputError(ValueError):
     """The Rust module's ``anyhow::bail!("{name} cannot be empty")``."""
 
 
+class ModelLeaseLost(Exception):
+    """The token does not name the key's current reservation."""
+
+
+def ends(now_ms: int, duration: int | None, name: str) -> int | None:
+    if duration is None:
+        return None
+    if duration < 1 or now_ms + duration > U64_MAX:
+        raise ModelInputError(f"{name} out of range")
+    return now_ms + duration
+
+
 def rust_trim(value: str) -> str:
     return value.strip(RUST_WHITESPACE)
 
@@ -66,6 +86,25 @@ class RefModel:
 
     def __init__(self) -> None:
         self.records: dict[str, IdempotencyRecord] = {}
+        #: record id -> the token of its current generation
+        self.tokens: dict[str, str] = {}
+        self.issued = 0
+        self.reclaims = 0  # how many re-claims happened (the test reports it)
+
+    def _new_token(self, record_id: str) -> str:
+        self.issued += 1
+        self.tokens[record_id] = f"m{self.issued}"
+        return self.tokens[record_id]
+
+    def _held(self, tenant: TenantContext, record_id: str, token: str) -> IdempotencyRecord:
+        record = self.records.get(record_id)
+        if (
+            record is None
+            or not tenant_context_matches(record.tenant_context, tenant)
+            or self.tokens.get(record_id) != token
+        ):
+            raise ModelLeaseLost(token)
+        return record
 
     def reserve(
         self,
@@ -78,12 +117,19 @@ class RefModel:
         first_seen_event_id: str | None = None,
         expires_at_ms: int | None = None,
         now_ms: int,
+        lease: int | None = None,
+        ttl: int | None = None,
     ) -> Reservation:
         # Same validation order as Rust: key, operation, owner, fingerprint.
         key = normalized_non_empty(key, "idempotency key")
         operation = normalized_non_empty(operation, "idempotency operation")
         owner = normalized_non_empty(owner, "idempotency owner")
         request_fingerprint = normalized_non_empty(request_fingerprint, "idempotency fingerprint")
+        if ttl is not None:
+            if expires_at_ms is not None:
+                raise ModelInputError("ttl and expires_at_ms")
+            expires_at_ms = ends(now_ms, ttl, "ttl")
+        lease_end = ends(now_ms, lease, "lease")
         record_id = idempotency_record_id(tenant, operation, key)
         existing = self.records.get(record_id)
 
@@ -104,6 +150,7 @@ class RefModel:
                 outcome=None,
                 conflict_count=0,
                 conflict_fingerprints=(),
+                lease_expires_at_ms=lease_end,
             )
 
         # 1. expired: replaced by a fresh reservation (conflict history gone)
@@ -114,7 +161,22 @@ class RefModel:
         ):
             record = fresh()
             self.records[record_id] = record
-            return Reserved(record, "")
+            return Reserved(record, self._new_token(record_id))
+        # 2a. same fingerprint, a reservation without outcome whose lease ended: re-claimed
+        if (
+            existing is not None
+            and existing.request_fingerprint == request_fingerprint
+            and existing.status is RecordStatus.RESERVED
+            and existing.outcome is None
+            and existing.lease_expires_at_ms is not None
+            and existing.lease_expires_at_ms <= now_ms
+        ):
+            record = replace(
+                existing, owner=owner, last_seen_at_ms=now_ms, lease_expires_at_ms=lease_end
+            )
+            self.records[record_id] = record
+            self.reclaims += 1
+            return Reserved(record, self._new_token(record_id))
         # 2. same fingerprint: touch, whatever the status
         if existing is not None and existing.request_fingerprint == request_fingerprint:
             record = replace(existing, last_seen_at_ms=now_ms)
@@ -137,7 +199,7 @@ class RefModel:
         # 4. no record
         record = fresh()
         self.records[record_id] = record
-        return Reserved(record, "")
+        return Reserved(record, self._new_token(record_id))
 
     def complete(
         self,
@@ -147,10 +209,13 @@ class RefModel:
         outcome: Outcome,
         *,
         now_ms: int,
+        token: str | None = None,
     ) -> IdempotencyRecord | None:
         operation = normalized_non_empty(operation, "idempotency operation")
         key = normalized_non_empty(key, "idempotency key")
         record_id = idempotency_record_id(tenant, operation, key)
+        if token is not None:
+            self._held(tenant, record_id, token)
         existing = self.records.get(record_id)
         if existing is None or not tenant_context_matches(existing.tenant_context, tenant):
             return None
@@ -171,7 +236,13 @@ class RefModel:
         return record
 
     def release(
-        self, tenant: TenantContext, operation: str, key: str, request_fingerprint: str
+        self,
+        tenant: TenantContext,
+        operation: str,
+        key: str,
+        request_fingerprint: str,
+        *,
+        token: str | None = None,
     ) -> bool:
         operation = normalized_non_empty(operation, "idempotency operation")
         key = normalized_non_empty(key, "idempotency key")
@@ -183,10 +254,33 @@ class RefModel:
             or not tenant_context_matches(record.tenant_context, tenant)
             or record.status is not RecordStatus.RESERVED
             or record.request_fingerprint != request_fingerprint
+            or (token is not None and self.tokens.get(record_id) != token)
         ):
             return False
         del self.records[record_id]
+        del self.tokens[record_id]
         return True
+
+    def renew(
+        self,
+        tenant: TenantContext,
+        operation: str,
+        key: str,
+        token: str,
+        *,
+        lease: int,
+        now_ms: int,
+    ) -> int:
+        operation = normalized_non_empty(operation, "idempotency operation")
+        key = normalized_non_empty(key, "idempotency key")
+        end = ends(now_ms, lease, "lease")
+        assert end is not None
+        record_id = idempotency_record_id(tenant, operation, key)
+        record = self._held(tenant, record_id, token)
+        if record.outcome is not None:  # completed: no lease left to renew
+            raise ModelLeaseLost(token)
+        self.records[record_id] = replace(record, lease_expires_at_ms=end)
+        return end
 
     def purge_expired(self, *, now_ms: int) -> int:
         expired = [
@@ -196,6 +290,7 @@ class RefModel:
         ]
         for record_id in expired:
             del self.records[record_id]
+            del self.tokens[record_id]
         return len(expired)
 
     def stats(self) -> dict[tuple[str, RecordStatus], int]:

@@ -32,7 +32,7 @@ TINY = [
     "--concurrency-seconds",
     "0.1",
 ]
-SECTIONS = {"ops", "growth", "json", "concurrency"}
+SECTIONS = {"ops", "growth", "json", "concurrency", "leases"}
 
 
 def _check(report: dict[str, object]) -> None:
@@ -44,6 +44,13 @@ def _check(report: dict[str, object]) -> None:
     assert all(f["rate"] > 0 for f in figures)
     # Every idemstore figure of the ops section is a ratio to the bare driver.
     assert all(f["ratio"] is not None for f in ops if f["variant"].startswith("idemstore"))
+    # A lease and run_once, each as a ratio to the same store's plain reserve in the run.
+    leases = {f["variant"]: f for f in figures if f["section"] == "leases"}
+    for flavour in ("sync", "async"):
+        base = f"idemstore {flavour} reserve"
+        assert leases[base]["ratio"] is None
+        for what in ("reserve, lease", "reserve + complete", "run_once, lease"):
+            assert leases[f"idemstore {flavour} {what}"]["baseline"] == base
     # Tiny sizes: the bench says so, plainly, on each such figure and once in all.
     brief = [f for f in figures if not f["trusted"]]
     assert brief

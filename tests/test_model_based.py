@@ -1,4 +1,6 @@
-"""Model-based proof: random operation sequences give the same results as the Rust semantics.
+"""Model-based proof: random operation sequences give the same results as the Rust semantics
+(and idemstore's leases: reserve with ``lease``/``ttl``, ``renew``, ``complete`` and ``release``
+with a token, tokens of every generation drawn again later, stale ones included).
 
 A Hypothesis state machine drives the store (on every backend) and :mod:`refmodel` side by
 side: reserve / complete / get / release / purge / stats over several tenants (deployment
@@ -17,6 +19,7 @@ import asyncio
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -32,9 +35,16 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from idemstore import InvalidInputError, Outcome, Reserved, TenantContext, TenantSource
+from idemstore import (
+    InvalidInputError,
+    LeaseLostError,
+    Outcome,
+    Reserved,
+    TenantContext,
+    TenantSource,
+)
 from tests.conftest import Database, SyncFacade
-from tests.refmodel import U64_MAX, ModelInputError, RefModel
+from tests.refmodel import U64_MAX, ModelInputError, ModelLeaseLost, RefModel
 
 SCALE = float(os.environ.get("IDEMSTORE_PROOF_SCALE", "1"))
 
@@ -93,7 +103,11 @@ keys = st.sampled_from(KEYS[:2]) | st.sampled_from(KEYS)
 fingerprints = st.sampled_from(FINGERPRINTS[:2]) | st.sampled_from(FINGERPRINTS)
 expiries = st.none() | st.none() | st.integers(-2, 6)
 mostly_none = st.none() | st.none() | st.none()
+#: Leases and ttls in ms: mostly none (the Rust store), short ones ending on the clock's steps.
+leases = st.none() | st.integers(1, 8)
+ttls = st.none() | st.none() | st.none() | st.integers(1, 6)
 Slot = tuple[TenantContext, str, str, str]
+BUSY: Slot = (TENANTS[0], OPERATIONS[0], "busy", FINGERPRINTS[0])  # only the busy_* rules
 
 
 class StoreMachine(RuleBasedStateMachine):
@@ -107,6 +121,9 @@ class StoreMachine(RuleBasedStateMachine):
         self.store = store
         self.model = RefModel()
         self.now = 0
+        #: the model's tokens, in issue order, and the store's token for each
+        self.issued: list[str] = []
+        self.store_token: dict[str, str] = {"m0": "7"}  # m0: never issued by either
 
     def same(self, model_call: Callable[[], Any], store_call: Callable[[], Any]) -> Any:
         try:
@@ -115,9 +132,17 @@ class StoreMachine(RuleBasedStateMachine):
             with pytest.raises(InvalidInputError):
                 store_call()
             return None
+        except ModelLeaseLost:
+            with pytest.raises(LeaseLostError):
+                store_call()
+            event("LeaseLost")
+            return None
         actual = store_call()
-        if isinstance(expected, Reserved):  # tokens are random: one of the store's own
+        if isinstance(expected, Reserved):  # tokens are random: the test maps them
             assert isinstance(actual, Reserved) and isinstance(actual.token, str) and actual.token
+            assert actual.token not in self.store_token.values()  # new on every Reserved
+            self.issued.append(expected.token)
+            self.store_token[expected.token] = actual.token
             actual = Reserved(actual.record, expected.token)
         assert actual == expected
         event(f"{type(expected).__name__} {expected if isinstance(expected, bool) else ''}")
@@ -140,6 +165,8 @@ class StoreMachine(RuleBasedStateMachine):
         fingerprint=fingerprints,
         event_id=st.none() | st.sampled_from(("evt-1", "evt-2")),
         expires_in=expiries,
+        lease=leases,
+        ttl=ttls,
     )
     def reserve(
         self,
@@ -150,8 +177,10 @@ class StoreMachine(RuleBasedStateMachine):
         fingerprint: str,
         event_id: str | None,
         expires_in: int | None,
+        lease: int | None,
+        ttl: int | None,
     ) -> Any:
-        self._reserve(tenant, operation, key, owner, fingerprint, event_id, expires_in)
+        self._reserve(tenant, operation, key, owner, fingerprint, event_id, expires_in, lease, ttl)
         return (tenant, operation, key, fingerprint)
 
     @rule(
@@ -161,6 +190,8 @@ class StoreMachine(RuleBasedStateMachine):
         owner=st.sampled_from(OWNERS),
         event_id=st.none() | st.sampled_from(("evt-1", "evt-2")),
         expires_in=expiries,
+        lease=leases,
+        ttl=ttls,
     )
     def reserve_again(
         self,
@@ -170,10 +201,16 @@ class StoreMachine(RuleBasedStateMachine):
         owner: str,
         event_id: str | None,
         expires_in: int | None,
+        lease: int | None,
+        ttl: int | None,
     ) -> None:
-        """The same key again: same request (duplicate), another (conflict), another tenant."""
+        """The same key again: same request (duplicate, or a re-claim once its lease ended),
+        another (conflict), another tenant."""
         tenant = tenant or slot[0]
-        self._reserve(tenant, slot[1], slot[2], owner, fingerprint or slot[3], event_id, expires_in)
+        fingerprint = fingerprint or slot[3]
+        self._reserve(
+            tenant, slot[1], slot[2], owner, fingerprint, event_id, expires_in, lease, ttl
+        )
 
     def _reserve(
         self,
@@ -184,13 +221,74 @@ class StoreMachine(RuleBasedStateMachine):
         fingerprint: str,
         event_id: str | None,
         expires_in: int | None,
+        lease: int | None = None,
+        ttl: int | None = None,
     ) -> None:
         expires = None if expires_in is None else max(0, min(self.now + expires_in, U64_MAX))
-        kwargs = {"first_seen_event_id": event_id, "expires_at_ms": expires, "now_ms": self.now}
+        kwargs: dict[str, Any] = {
+            "first_seen_event_id": event_id,
+            "expires_at_ms": expires,
+            "now_ms": self.now,
+        }
+        if lease is not None:
+            kwargs["lease"] = lease
+        if ttl is not None:
+            kwargs["ttl"] = ttl
         self.same(
             lambda: self.model.reserve(tenant, operation, key, owner, fingerprint, **kwargs),
-            lambda: self.store.reserve(tenant, operation, key, owner, fingerprint, **kwargs),
+            lambda: self.store.reserve(
+                tenant, operation, key, owner, fingerprint, **self._as_timedelta(kwargs)
+            ),
         )
+
+    # One busy key, so that leases run out, get re-claimed, renewed and fenced often (the
+    # rules above spread over many keys and reach these paths rarely).
+
+    @rule(
+        steps=st.lists(
+            st.tuples(
+                st.sampled_from(OWNERS),
+                st.integers(1, 8) | st.none(),  # (Hypothesis leans to the first choices)
+                st.integers(1, 30) | st.none(),
+                st.sampled_from((8, 3, 1, 0)),
+            ),
+            min_size=1,
+            max_size=4,
+        )
+    )
+    def busy_reserve(self, steps: list[tuple[str, int | None, int | None, int]]) -> None:
+        """The busy key (one request: conflicts are the other rules'), a few times, a little
+        later each: a duplicate while a lease runs, a re-claim once it ended; a ttl makes the
+        key start afresh after a while."""
+        for owner, lease, ttl, later in steps:
+            self.tick(later)
+            self._reserve(*BUSY[:3], owner, BUSY[3], None, None, lease, ttl)
+
+    @rule(outcome=outcomes, pick=st.integers(0, 6))
+    def busy_complete(self, outcome: Outcome, pick: int) -> None:
+        self.complete_fenced(BUSY, None, outcome, pick)
+
+    @rule(pick=st.integers(0, 6))
+    def busy_release(self, pick: int) -> None:
+        self.release_fenced(BUSY, None, None, pick)
+
+    @rule(pick=st.integers(0, 6), lease=st.integers(1, 8))
+    def busy_renew(self, pick: int, lease: int) -> None:
+        self.renew(BUSY, None, pick, lease)
+
+    def _as_timedelta(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        # The store takes int milliseconds or a timedelta: every other lease as a timedelta.
+        lease = kwargs.get("lease")
+        if lease is not None and lease % 2:
+            return {**kwargs, "lease": timedelta(milliseconds=lease)}
+        return kwargs
+
+    def _token(self, pick: int) -> str:
+        """A token drawn from every one issued so far (mostly the latest ones), or one that
+        was never issued."""
+        if not self.issued or pick == 0:
+            return "m0"
+        return self.issued[-1 - (pick - 1) % min(len(self.issued), 4)]
 
     @rule(slot=slots, tenant=mostly_none | tenants, outcome=outcomes)
     def complete_slot(self, slot: Slot, tenant: TenantContext | None, outcome: Outcome) -> None:
@@ -201,6 +299,52 @@ class StoreMachine(RuleBasedStateMachine):
         self.same(
             lambda: self.model.complete(tenant, operation, key, outcome, now_ms=self.now),
             lambda: self.store.complete(tenant, operation, key, outcome, now_ms=self.now),
+        )
+
+    @rule(slot=slots, tenant=mostly_none | tenants, outcome=outcomes, pick=st.integers(0, 6))
+    def complete_fenced(
+        self, slot: Slot, tenant: TenantContext | None, outcome: Outcome, pick: int
+    ) -> None:
+        tenant, token = tenant or slot[0], self._token(pick)
+        self.same(
+            lambda: self.model.complete(
+                tenant, slot[1], slot[2], outcome, now_ms=self.now, token=token
+            ),
+            lambda: self.store.complete(
+                tenant, slot[1], slot[2], outcome, now_ms=self.now, token=self.store_token[token]
+            ),
+        )
+
+    @rule(
+        slot=slots,
+        tenant=mostly_none | tenants,
+        fingerprint=mostly_none | fingerprints,
+        pick=st.integers(0, 6),
+    )
+    def release_fenced(
+        self, slot: Slot, tenant: TenantContext | None, fingerprint: str | None, pick: int
+    ) -> None:
+        tenant, fingerprint, token = tenant or slot[0], fingerprint or slot[3], self._token(pick)
+        self.same(
+            lambda: self.model.release(tenant, slot[1], slot[2], fingerprint, token=token),
+            lambda: self.store.release(
+                tenant, slot[1], slot[2], fingerprint, token=self.store_token[token]
+            ),
+        )
+
+    @rule(
+        slot=slots,
+        tenant=mostly_none | tenants,
+        pick=st.integers(0, 6),
+        lease=st.integers(1, 8) | st.just(U64_MAX),
+    )
+    def renew(self, slot: Slot, tenant: TenantContext | None, pick: int, lease: int) -> None:
+        tenant, token = tenant or slot[0], self._token(pick)
+        self.same(
+            lambda: self.model.renew(tenant, slot[1], slot[2], token, lease=lease, now_ms=self.now),
+            lambda: self.store.renew(
+                tenant, slot[1], slot[2], self.store_token[token], lease=lease, now_ms=self.now
+            ),
         )
 
     @rule(slot=slots, tenant=mostly_none | tenants)

@@ -31,6 +31,7 @@ from .harness import (
     BenchSettings,
     Figure,
 )
+from .leases import bench_leases
 from .processes import bench_import, bench_postgres_concurrency, bench_sqlite_concurrency
 from .report import format_markdown, format_report
 from .scenarios import bench_growth, bench_json, bench_ops, growth_sizes
@@ -131,6 +132,9 @@ def run_bench(settings: BenchSettings, *, log: Callable[[str], None] | None = No
         if "import" in settings.sections:
             say("import ...")
             bench_import(target, settings, result)
+        if "leases" in settings.sections:
+            say("leases: reserve with and without a lease, run_once ...")
+            bench_leases(target, settings, result)
     finally:
         target.close()
     untrusted = [f for f in result.figures if not f.trusted]

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..aio import AsyncIdempotencyStore
     from ..store import IdempotencyStore
 
-SECTIONS: Final = ("ops", "json", "growth", "concurrency", "import")
+SECTIONS: Final = ("ops", "json", "growth", "concurrency", "import", "leases")
 GROWTH_SIZES: Final = (10_000, 100_000, 1_000_000)
 JSON_RECORDS: Final = 100_000
 IMPORT_RECORDS: Final = 100_000
@@ -59,6 +59,10 @@ BASELINES: Final = {
     "written, fsynced and renamed on every reservation",
     "bare executemany": "the driver's executemany (COPY on PostgreSQL) of the already-parsed "
     "rows in one transaction: the import if parsing were free",
+    "idemstore sync reserve": "the sync store's plain reserve (no lease) of a fresh key, in "
+    "the same rounds on the same database",
+    "idemstore async reserve": "the async store's plain reserve (no lease) of a fresh key, in "
+    "the same rounds on the same database",
 }
 
 
@@ -365,4 +369,8 @@ def figures_from(
                 samples[(workload, variant.baseline)],
             )
     order = {name: i for i, name in enumerate(v.name for v in variants)}
-    return sorted(figures.values(), key=lambda f: (WORKLOADS.index(f.workload), order[f.variant]))
+    # The ops workloads in their order; a section's own workloads (leases) after them.
+    rank = {name: i for i, name in enumerate(WORKLOADS)}
+    return sorted(
+        figures.values(), key=lambda f: (rank.get(f.workload, len(rank)), order[f.variant])
+    )
