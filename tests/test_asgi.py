@@ -352,11 +352,11 @@ async def test_the_app_runs_after_the_reservation_commits(database, store, runs)
 
 
 async def test_the_lease_is_renewed_while_a_long_handler_runs(store, runs):
-    app = build_app(store, runs, lease=timedelta(milliseconds=300))
+    app = build_app(store, runs, lease=timedelta(milliseconds=600))
     async with client(app) as http:
-        first = asyncio.create_task(http.post("/slow?seconds=1.2", headers=KEY))
-        await asyncio.sleep(0.8)  # the first lease (300 ms) has long ended; renewals hold it
-        busy = await http.post("/slow?seconds=1.2", headers=KEY)
+        first = asyncio.create_task(http.post("/slow?seconds=2", headers=KEY))
+        await asyncio.sleep(1.3)  # twice the first lease (600 ms): renewals hold it
+        busy = await http.post("/slow?seconds=2", headers=KEY)
         assert_problem(busy, 409, "request-in-progress")
         assert (await first).status_code == 200
     assert count(runs) == 1
