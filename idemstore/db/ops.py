@@ -40,10 +40,12 @@ Mode = Literal["read", "write"]
 
 @dataclass(frozen=True, slots=True)
 class Call(Generic[T]):
-    """One operation, ready to run: ``mode`` says which transaction it needs."""
+    """One operation, ready to run: ``mode`` says which transaction it needs; ``alone``, that
+    it needs a transaction of its own even under group commit (it commits between batches)."""
 
     mode: Mode
     run: Callable[[Driver], T]
+    alone: bool = False
 
 
 def _fingerprints(d: Driver, record_id: str) -> list[str]:
@@ -209,7 +211,7 @@ def purge_expired(*, now_ms: int | None = None, batch_size: int = DEFAULT_PURGE_
                 return total
             d.checkpoint()
 
-    return Call("write", run)
+    return Call("write", run, alone=True)
 
 
 def stats() -> Call[Stats]:
