@@ -183,6 +183,9 @@ class WorkerThreads:
         self.group_commit = group_commit
         self._max_group = max(1, max_group)
         self._writes: queue.SimpleQueue[_WriteItem | None] = queue.SimpleQueue()
+        #: Group commit so far: transactions that ran more than one write, and those writes.
+        self.groups = 0
+        self.grouped_calls = 0
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on a worker thread."""
@@ -297,6 +300,8 @@ class WorkerThreads:
             else:
                 _deliver(loop, future, result, None)
             return
+        self.groups += 1
+        self.grouped_calls += len(items)
         group = run_group([each[0] for each in items], self._engine.dialect, busy_timeout_ms)
         try:
             settled = run_owned(self._engine, group, busy_timeout_ms, source)
