@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..aio import AsyncIdempotencyStore
     from ..store import IdempotencyStore
 
-SECTIONS: Final = ("ops", "json", "growth", "concurrency", "import")
+SECTIONS: Final = ("ops", "json", "growth", "concurrency", "groupcommit", "import")
 GROWTH_SIZES: Final = (10_000, 100_000, 1_000_000)
 JSON_RECORDS: Final = 100_000
 IMPORT_RECORDS: Final = 100_000
@@ -57,6 +57,12 @@ BASELINES: Final = {
     "for the concurrency figure), no idemstore code (the ceiling)",
     "JSON-file emulation": "the Rust store's persistence, emulated: the whole map serialised, "
     "written, fsynced and renamed on every reservation",
+    "idemstore sync, sequential": "the sync store, one reservation at a time, at the run's "
+    "synchronous setting (the group-commit section's reference)",
+    "bare asyncpg, sequential": "the store's own SQL statements through asyncpg, one "
+    "reservation at a time (the group-commit section's reference on PostgreSQL)",
+    "idemstore async, 1 caller": "the async store without group commit, one caller, taking "
+    "turns with the one it is compared with",
     "bare executemany": "the driver's executemany (COPY on PostgreSQL) of the already-parsed "
     "rows in one transaction: the import if parsing were free",
 }
