@@ -122,6 +122,7 @@ class AsyncIdempotencyStore:
             self._offload = WorkerThreads(
                 self._sync_engine,
                 1 if memory else max_workers,
+                writer=not memory,
                 group_commit=group_commit and not memory,
             )
         else:
