@@ -51,6 +51,10 @@ POSTGRES_CONNECTIONS: Final = 8
 BASELINES: Final = {
     "bare sqlite3": "the store's own SQL statements through Python's sqlite3 module on one "
     "open connection, same pragmas, no idemstore code (the ceiling)",
+    "bare sqlite3, plainest upsert": "the plainest reservation on Python's sqlite3, same "
+    "pragmas: the record's columns with the primary key only (no other index, no CHECK, no "
+    "conflict table), one INSERT .. ON CONFLICT DO UPDATE .. RETURNING with the store's CASE "
+    "branches, BEGIN IMMEDIATE / COMMIT, the record id hashed as the store does",
     "bare psycopg": "the store's own SQL statements through psycopg on one open connection, "
     "no idemstore code (the ceiling)",
     "bare asyncpg": "the store's own SQL statements through asyncpg (a pool of the same size "

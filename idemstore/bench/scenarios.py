@@ -25,7 +25,7 @@ from ..ids import idempotency_record_id
 from ..rules import now_ms
 from ..store import IdempotencyStore
 from ..transfer.writer import record_to_json
-from .baselines import BareAsyncpg, BareSync, asyncpg_module, psycopg_module
+from .baselines import BareAsyncpg, BareSync, PlainestSqlite, asyncpg_module, psycopg_module
 from .datagen import synthetic_record
 from .harness import (
     FINGERPRINT,
@@ -68,6 +68,43 @@ def seed_keys_of(store: IdempotencyStore, count: int) -> list[str]:
     for key in keys:
         store.reserve(TENANT, OPERATION, key, OWNER, FINGERPRINT)
     return keys
+
+
+#: The clock the plainest-upsert comparison gives every reservation (``now_ms=``).
+PLAIN_NOW = 1_700_000_000_000
+PLAINEST = "bare sqlite3, plainest upsert"
+
+
+def plainest_variants(
+    bare: BareSync, sync_store: IdempotencyStore, async_store: AsyncIdempotencyStore
+) -> list[Variant]:
+    """Fresh reservations of both stores (their public ``reserve`` with ``now_ms`` given)
+    against the plainest upsert that does the job (:class:`PlainestSqlite`), taking turns."""
+    plain = PlainestSqlite(bare.connection)
+    only = ("reserve (fresh)",)
+
+    def plain_runs(tag: str) -> dict[str, Runner]:
+        return {only[0]: lambda i: plain.reserve(f"{tag}-{i}", FINGERPRINT, PLAIN_NOW)}
+
+    def sync_runs(tag: str) -> dict[str, Runner]:
+        return {
+            only[0]: lambda i: sync_store.reserve(
+                TENANT, OPERATION, f"{tag}-{i}", OWNER, FINGERPRINT, now_ms=PLAIN_NOW
+            )
+        }
+
+    def async_runs(tag: str) -> dict[str, Callable[[int], Any]]:
+        return {
+            only[0]: lambda i: async_store.reserve(
+                TENANT, OPERATION, f"{tag}-{i}", OWNER, FINGERPRINT, now_ms=PLAIN_NOW
+            )
+        }
+
+    return [
+        Variant(PLAINEST, None, sync=plain_runs, workloads=only),
+        Variant("idemstore sync, now_ms given", PLAINEST, sync=sync_runs, workloads=only),
+        Variant("idemstore async, now_ms given", PLAINEST, aio=async_runs, workloads=only),
+    ]
 
 
 def _postgres_variants(
@@ -144,6 +181,7 @@ def bench_ops(target: Target, settings: BenchSettings, result: BenchResult) -> N
                     aio=lambda tag: workloads(*store_async(async_store), seeds, tag),
                 )
             )
+            variants += plainest_variants(bare, sync_store, async_store)
             # The same store on aiosqlite through SQLAlchemy's greenlet bridge, for reference.
             greenlet = extra_store = target.async_store(url, schema, offload="greenlet")
             variants.append(
