@@ -219,21 +219,42 @@ _PLAIN_FRESH: Final = tuple(
     for c in PLAIN_COLUMNS
     if c not in {"record_id", "status", "last_seen_at_ms", "conflict_count"}
 )
-_PLAIN_EXPIRED: Final = (
-    f"{PLAIN_TABLE}.expires_at_ms IS NOT NULL "
-    f"AND {PLAIN_TABLE}.expires_at_ms <= excluded.last_seen_at_ms"
+_TEXT_COLUMNS: Final = frozenset(
+    c
+    for c in PLAIN_COLUMNS
+    if c not in U64_COLUMNS and c not in {"schema_version", "reservation_token"}
 )
+#: The store's CHECK constraints (:mod:`idemstore.db.schema`), for the cost ladder.
+_CHECKS: Final = (
+    "CHECK (status IN ('reserved', 'completed', 'conflicted'))",
+    "CHECK (tenant_source IN ('local_implicit', 'explicit'))",
+    "CHECK ((outcome_kind IS NULL) = (outcome_completed_at_ms IS NULL))",
+)
+#: What the cost ladder adds to the plainest table, by name.
+PLAIN_EXTRAS: Final = ("index", "partial index", "checks")
 
 
-def plainest_sql() -> tuple[str, str]:
-    """``CREATE TABLE`` and the upsert of the plainest baseline: the same CASE branches as the
-    store's reserve, written by hand."""
-    t, expired = PLAIN_TABLE, _PLAIN_EXPIRED
-    columns = ", ".join(
+def plainest_sql(table: str = PLAIN_TABLE, extras: tuple[str, ...] = ()) -> tuple[list[str], str]:
+    """The statements creating ``table`` (with ``extras`` of :data:`PLAIN_EXTRAS`: an index on
+    ``expires_at_ms``, the same index only where it is not NULL, the store's CHECKs) and the
+    plainest baseline's upsert: the same CASE branches as the store's reserve, by hand."""
+    t = table
+    expired = f"{t}.expires_at_ms IS NOT NULL AND {t}.expires_at_ms <= excluded.last_seen_at_ms"
+    columns = [
         f"{c} {'TEXT' if c in _TEXT_COLUMNS else 'INTEGER'}"
         + (" PRIMARY KEY" if c == "record_id" else "")
         for c in PLAIN_COLUMNS
-    )
+    ]
+    if "checks" in extras:
+        columns += _CHECKS
+    create = [f"CREATE TABLE IF NOT EXISTS {t} ({', '.join(columns)})"]
+    if "index" in extras:
+        create.append(f"CREATE INDEX IF NOT EXISTS ix_{t}_expires ON {t} (expires_at_ms)")
+    if "partial index" in extras:
+        create.append(
+            f"CREATE INDEX IF NOT EXISTS ix_{t}_expires_set ON {t} (expires_at_ms) "
+            "WHERE expires_at_ms IS NOT NULL"
+        )
     sets = [f"{c} = CASE WHEN {expired} THEN excluded.{c} ELSE {t}.{c} END" for c in _PLAIN_FRESH]
     same = f"{t}.request_fingerprint = excluded.request_fingerprint"
     sets += [
@@ -250,25 +271,22 @@ def plainest_sql() -> tuple[str, str]:
         f"VALUES ({', '.join('?' for _ in PLAIN_COLUMNS)}) "
         f"ON CONFLICT (record_id) DO UPDATE SET {', '.join(sets)} RETURNING *"
     )
-    return f"CREATE TABLE IF NOT EXISTS {t} ({columns})", upsert
-
-
-_TEXT_COLUMNS: Final = frozenset(
-    c
-    for c in PLAIN_COLUMNS
-    if c not in U64_COLUMNS and c not in {"schema_version", "reservation_token"}
-)
+    return create, upsert
 
 
 class PlainestSqlite:
     """A fresh reservation as plainly as it can be done on stdlib ``sqlite3``: the record id
     (the same hash), one upsert with the store's CASE branches on a table with the primary key
-    only, ``BEGIN IMMEDIATE`` / ``COMMIT``, the same pragmas; the answer from the token."""
+    only (plus ``extras``, for the cost ladder), ``BEGIN IMMEDIATE`` / ``COMMIT``, the same
+    pragmas; the answer from the token."""
 
-    def __init__(self, connection: sqlite3.Connection) -> None:
+    def __init__(
+        self, connection: sqlite3.Connection, table: str = PLAIN_TABLE, extras: tuple[str, ...] = ()
+    ) -> None:
         self.connection = connection
-        create, self.upsert = plainest_sql()
-        connection.execute(create)
+        create, self.upsert = plainest_sql(table, extras)
+        for statement in create:
+            connection.execute(statement)
 
     def reserve(self, key: str, fingerprint: str, now: int) -> str:
         token = secrets.randbits(63)

@@ -25,7 +25,15 @@ from ..ids import idempotency_record_id
 from ..rules import now_ms
 from ..store import IdempotencyStore
 from ..transfer.writer import record_to_json
-from .baselines import BareAsyncpg, BareSync, PlainestSqlite, asyncpg_module, psycopg_module
+from .baselines import (
+    PLAIN_EXTRAS,
+    PLAIN_TABLE,
+    BareAsyncpg,
+    BareSync,
+    PlainestSqlite,
+    asyncpg_module,
+    psycopg_module,
+)
 from .datagen import synthetic_record
 from .harness import (
     FINGERPRINT,
@@ -78,13 +86,18 @@ PLAINEST = "bare sqlite3, plainest upsert"
 def plainest_variants(
     bare: BareSync, sync_store: IdempotencyStore, async_store: AsyncIdempotencyStore
 ) -> list[Variant]:
-    """Fresh reservations of both stores (their public ``reserve`` with ``now_ms`` given)
-    against the plainest upsert that does the job (:class:`PlainestSqlite`), taking turns."""
-    plain = PlainestSqlite(bare.connection)
+    """Fresh reservations against the plainest upsert that does the job
+    (:class:`PlainestSqlite`), taking turns: the cost ladder on bare sqlite3 (the plainest
+    table plus one thing of the store's table each: the index on ``expires_at_ms``, the same
+    index only where it is set, the CHECKs; then the store's own statements on its own table)
+    and both stores' public ``reserve`` with ``now_ms`` given."""
     only = ("reserve (fresh)",)
 
-    def plain_runs(tag: str) -> dict[str, Runner]:
-        return {only[0]: lambda i: plain.reserve(f"{tag}-{i}", FINGERPRINT, PLAIN_NOW)}
+    def plain(table: str, extras: tuple[str, ...]) -> Callable[[str], dict[str, Runner]]:
+        baseline = PlainestSqlite(bare.connection, table, extras)
+        return lambda tag: {
+            only[0]: lambda i: baseline.reserve(f"{tag}-{i}", FINGERPRINT, PLAIN_NOW)
+        }
 
     def sync_runs(tag: str) -> dict[str, Runner]:
         return {
@@ -100,8 +113,19 @@ def plainest_variants(
             )
         }
 
+    def store_sql(tag: str) -> dict[str, Runner]:
+        return {only[0]: lambda i: bare.reserve(f"{tag}-{i}", FINGERPRINT)}
+
+    ladder = [
+        Variant(
+            f"{PLAINEST} + {extra}", PLAINEST, sync=plain(f"plain_{n}", (extra,)), workloads=only
+        )
+        for n, extra in enumerate(PLAIN_EXTRAS)
+    ]
     return [
-        Variant(PLAINEST, None, sync=plain_runs, workloads=only),
+        Variant(PLAINEST, None, sync=plain(PLAIN_TABLE, ()), workloads=only),
+        *ladder,
+        Variant("bare sqlite3, the store's statements", PLAINEST, sync=store_sql, workloads=only),
         Variant("idemstore sync, now_ms given", PLAINEST, sync=sync_runs, workloads=only),
         Variant("idemstore async, now_ms given", PLAINEST, aio=async_runs, workloads=only),
     ]
