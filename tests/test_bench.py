@@ -32,7 +32,7 @@ TINY = [
     "--concurrency-seconds",
     "0.1",
 ]
-SECTIONS = {"ops", "growth", "json", "concurrency"}
+SECTIONS = {"ops", "growth", "json", "concurrency", "groupcommit"}
 
 
 def _check(report: dict[str, object]) -> None:
