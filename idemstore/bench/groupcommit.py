@@ -27,6 +27,7 @@ from .baselines import BareAsyncpg, asyncpg_module
 from .harness import (
     FINGERPRINT,
     OPERATION,
+    OUTCOME,
     OWNER,
     TENANT,
     BenchResult,
@@ -44,6 +45,7 @@ from .target import Target
 CALLERS: Final = (1, 8, 32, 128)
 SEQUENTIAL: Final = "reserve (fresh), sequential"
 BASELINE: Final = "idemstore sync, sequential"
+FRESH_BASELINE: Final = "idemstore sync, sequential reserve + complete"
 
 
 def callers_workload(n: int) -> str:
@@ -132,6 +134,24 @@ def _reserve_async(store: AsyncIdempotencyStore) -> Callable[[str], Awaitable[ob
     return lambda key: store.reserve(TENANT, OPERATION, key, OWNER, FINGERPRINT)
 
 
+def _fresh_sync(store: IdempotencyStore) -> Callable[[str], object]:
+    """A fresh key reserved, then its outcome stored (the peers' "fresh" path)."""
+
+    def fresh(key: str) -> object:
+        store.reserve(TENANT, OPERATION, key, OWNER, FINGERPRINT)
+        return store.complete(TENANT, OPERATION, key, OUTCOME)
+
+    return fresh
+
+
+def _fresh_async(store: AsyncIdempotencyStore) -> Callable[[str], Awaitable[object]]:
+    async def fresh(key: str) -> object:
+        await store.reserve(TENANT, OPERATION, key, OWNER, FINGERPRINT)
+        return await store.complete(TENANT, OPERATION, key, OUTCOME)
+
+    return fresh
+
+
 def _bench_sqlite(target: Target, settings: BenchSettings, result: BenchResult) -> None:
     url, _ = target.database("groupcommit")
     loop = asyncio.new_event_loop()
@@ -170,6 +190,27 @@ def _bench_sqlite(target: Target, settings: BenchSettings, result: BenchResult) 
                 )
             )
         timed_figures(settings.rounds, plan, BASELINE, result)
+        # Reserve then complete (two writes, as the peer comparison's "fresh" path).
+        both = "reserve + complete (fresh)"
+        timed_figures(
+            settings.rounds,
+            [
+                (
+                    f"{both}, sequential",
+                    FRESH_BASELINE,
+                    lambda tag: sequential_round(_fresh_sync(sync_store), seconds, tag),
+                ),
+                (
+                    f"{both}, 32 concurrent callers",
+                    "idemstore async + group commit",
+                    lambda tag: loop.run_until_complete(
+                        callers_round(_fresh_async(grouped), 32, seconds, tag)
+                    ),
+                ),
+            ],
+            FRESH_BASELINE,
+            result,
+        )
         average = grouped_average(grouped)
         result.notes.append(
             f"groupcommit: '{BASELINE}' is {sync_variant}, one call at a time; a group is at "

@@ -63,6 +63,8 @@ BASELINES: Final = {
     "written, fsynced and renamed on every reservation",
     "idemstore sync, sequential": "the sync store, one reservation at a time, at the run's "
     "synchronous setting (the group-commit section's reference)",
+    "idemstore sync, sequential reserve + complete": "the sync store reserving a fresh key "
+    "and completing it, one key at a time, at the run's synchronous setting",
     "bare asyncpg, sequential": "the store's own SQL statements through asyncpg, one "
     "reservation at a time (the group-commit section's reference on PostgreSQL)",
     "idemstore async, 1 caller": "the async store without group commit, one caller, taking "
