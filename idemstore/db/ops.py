@@ -41,7 +41,8 @@ Mode = Literal["read", "write"]
 @dataclass(frozen=True, slots=True)
 class Call(Generic[T]):
     """One operation, ready to run: ``mode`` says which transaction it needs; ``alone``, that
-    it needs a transaction of its own even under group commit (it commits between batches)."""
+    it runs in a transaction of its own, never in a group commit nor on the async store's
+    writer thread (it commits between batches, or is big: purge, import)."""
 
     mode: Mode
     run: Callable[[Driver], T]
