@@ -6,7 +6,8 @@
 - ``race``: ``release`` or ``complete`` (the job's ``role``) every given key, in random order;
 - ``crash``: print ``ready``, wait for ``go``, open the store and reserve / conflict / complete
   new keys until killed, printing each acknowledged step (``R key``, ``C key``, ``D key``)
-  and flushing before the next one.
+  and flushing before the next one. With ``"group": true``: an async store with group commit
+  and ``WRITERS`` tasks doing the same, each on its own keys (``run<n>-w<task>-<i>``).
 
 Otherwise the job lists ``phases`` (``hammer`` or ``race``), run in turn: for each the worker
 prints ``ready``, waits for ``go`` on stdin (so that all workers start together) and prints one
@@ -16,6 +17,7 @@ JSON line of results. Every exception, a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import sys
@@ -23,6 +25,7 @@ import traceback
 from typing import Any
 
 from idemstore import (
+    AsyncIdempotencyStore,
     Conflict,
     Duplicate,
     IdempotencyStore,
@@ -96,13 +99,41 @@ def crash(store: IdempotencyStore, job: dict[str, Any]) -> None:
         i += 1
 
 
+#: Concurrent tasks of a group-commit crash writer.
+WRITERS = 8
+
+
+async def crash_in_groups(job: dict[str, Any]) -> None:
+    store = AsyncIdempotencyStore.from_url(job["url"], group_commit=True)
+    await store.check_schema()
+
+    async def writer(w: int) -> None:
+        i = 0
+        while True:
+            key = f"run{job['run']}-w{w}-{i}"
+            await store.reserve(TENANT, OPERATION, key, "writer", "fp-a")
+            print("R", key, flush=True)
+            if i % 2:
+                conflict = await store.reserve(TENANT, OPERATION, key, "writer", "fp-b")
+                assert isinstance(conflict, Conflict)
+                print("C", key, flush=True)
+                await store.complete(TENANT, OPERATION, key, Outcome("accepted", i))
+                print("D", key, flush=True)
+            i += 1
+
+    await asyncio.gather(*(writer(w) for w in range(WRITERS)))
+
+
 def main() -> None:
     job = json.loads(sys.argv[1])
     if job.get("action") == "crash":
         # Imported, not yet opened: the test starts the next writer while this one runs.
         print("ready", flush=True)
         assert sys.stdin.readline().strip() == "go"
-        crash(open_store(job), job)
+        if job.get("group"):
+            asyncio.run(crash_in_groups(job))
+        else:
+            crash(open_store(job), job)
         return
     store = open_store(job)
     try:

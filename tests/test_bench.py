@@ -32,7 +32,7 @@ TINY = [
     "--concurrency-seconds",
     "0.1",
 ]
-SECTIONS = {"ops", "growth", "json", "concurrency", "leases"}
+SECTIONS = {"ops", "growth", "json", "concurrency", "groupcommit", "leases"}
 
 
 def _check(report: dict[str, object]) -> None:

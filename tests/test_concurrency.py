@@ -8,6 +8,9 @@ exactly 1..n (each conflict was counted once, none lost); the stored conflict fi
 have no duplicates, are the set of conflicting fingerprints seen, and every ``Conflict`` saw
 a prefix of them (first-seen order holds). No error, no ``LockTimeoutError`` on SQLite.
 
+The async race runs with group commit too (SQLite): the racing calls then share
+transactions, each in its savepoint, with the same answers.
+
 Release against complete, per reserved key: exactly one side wins. Either one release
 returned True, every complete returned None and the key is gone; or every complete returned
 the record, every release returned False and the key is stored completed.
@@ -205,14 +208,18 @@ def test_processes_race(engine_name: str, make_database: Callable[[str], Databas
     store.close()
 
 
-@pytest.mark.parametrize("engine_name", ENGINES)
+@pytest.mark.parametrize(
+    ("engine_name", "group_commit"),
+    [("sqlite", False), ("sqlite", True), ("postgresql", False)],
+    ids=["sqlite", "sqlite-group-commit", "postgresql"],
+)
 def test_async_tasks_race_on_one_store(
-    engine_name: str, make_database: Callable[[str], Database]
+    engine_name: str, group_commit: bool, make_database: Callable[[str], Database]
 ) -> None:
     db = make_database(engine_name)
 
     async def scenario() -> None:
-        store = db.async_store()
+        store = db.async_store(group_commit=group_commit)
         await store.migrate()
         try:
             start = asyncio.Event()
@@ -258,6 +265,8 @@ def test_async_tasks_race_on_one_store(
             await asyncio.gather(*race_tasks)
             stored = {key: await store.get(TENANT, OPERATION, key) for key in keys}
             check_release_complete_race(keys, releases, completes, stored)
+            if group_commit:  # the racing calls did share transactions
+                assert store._offload.grouped_calls > len(keys), store._offload.grouped_calls
         finally:
             await store.close()
 

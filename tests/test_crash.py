@@ -1,14 +1,17 @@
 """Crash proof: a writer process is SIGKILLed at random points, again and again.
 
 The writer (``proof_worker.py crash``) reserves new keys, makes every other one conflict and
-completes it, and prints each step only after the call returned (``R``/``C``/``D key``). After
-each kill the next writer reopens the database and must make progress. At the end:
+completes it, and prints each step only after the call returned (``R``/``C``/``D key``); on
+SQLite also an async writer with group commit, whose tasks write at once and share
+transactions (each task its own keys). After each kill the next writer reopens the database
+and must make progress. At the end:
 
 - SQLite: ``PRAGMA integrity_check`` is ``ok`` (after every kill too) and
   ``foreign_key_check`` is empty;
 - every acknowledged step is in the database: reserved keys exist with their fingerprint,
   conflicted ones have the conflict counted and its fingerprint listed, completed ones are
-  completed; each run holds exactly its acknowledged keys, plus at most the one in flight;
+  completed; each writer (each task) holds exactly its acknowledged keys, plus at most the
+  one in flight;
 - the store still works (a reservation after the last kill).
 
 A SIGKILL loses the process, not the OS page cache: this proves atomicity and
@@ -40,8 +43,8 @@ SCALE = float(os.environ.get("IDEMSTORE_PROOF_SCALE", "1"))
 KILLS = {"sqlite": max(10, int(10 * SCALE)), "postgresql": max(4, int(5 * SCALE))}
 
 
-def start_writer(db: Database, run: int) -> subprocess.Popen[str]:
-    job = {"action": "crash", "url": db.url, "schema": db.schema, "run": run}
+def start_writer(db: Database, run: int, group: bool) -> subprocess.Popen[str]:
+    job = {"action": "crash", "url": db.url, "schema": db.schema, "run": run, "group": group}
     return subprocess.Popen(
         worker_command(job),
         stdin=subprocess.PIPE,
@@ -65,11 +68,13 @@ def sqlite_checks(db: Database) -> None:
     conn.close()
 
 
-def kill_writers(db: Database, kills: int, rng: random.Random) -> dict[str, dict[int, set[str]]]:
+def kill_writers(
+    db: Database, kills: int, rng: random.Random, group: bool = False
+) -> dict[str, dict[int, set[str]]]:
     """Run ``kills`` writers one after another, each SIGKILLed at a random point after its
     first acknowledged step. Returns acknowledged keys: {"R"|"C"|"D": {run: keys}}."""
     acked: dict[str, dict[int, set[str]]] = {kind: defaultdict(set) for kind in "RCD"}
-    upcoming = start_writer(db, 0)
+    upcoming = start_writer(db, 0, group)
     try:
         for run in range(kills):
             proc = upcoming
@@ -78,7 +83,7 @@ def kill_writers(db: Database, kills: int, rng: random.Random) -> dict[str, dict
             proc.stdin.write("go\n")
             proc.stdin.flush()
             # the next writer imports while this one writes (it opens nothing before "go")
-            upcoming = start_writer(db, run + 1)
+            upcoming = start_writer(db, run + 1, group)
             first = proc.stdout.readline()
             assert first.startswith("R "), f"run {run} made no progress: {first!r}"
             time.sleep(rng.uniform(0.0, 0.25))
@@ -109,16 +114,20 @@ def stored_keys(db: Database) -> set[str]:
         return {row[0] for row in conn.exec_driver_sql("SELECT key FROM idemstore_records")}
 
 
-@pytest.mark.parametrize("engine_name", ["sqlite", "postgresql"])
+@pytest.mark.parametrize(
+    ("engine_name", "group"),
+    [("sqlite", False), ("sqlite", True), ("postgresql", False)],
+    ids=["sqlite", "sqlite-group-commit", "postgresql"],
+)
 def test_sigkilled_writers_lose_no_acknowledged_write(
-    engine_name: str, make_database: Callable[[str], Database]
+    engine_name: str, group: bool, make_database: Callable[[str], Database]
 ) -> None:
     db = make_database(engine_name)
     store = db.sync_store()  # migrates
     kills = KILLS[engine_name]
     seed = int(os.environ.get("IDEMSTORE_PROOF_SEED") or random.randrange(2**32))
     print(f"IDEMSTORE_PROOF_SEED={seed}")  # shown when the test fails
-    acked = kill_writers(db, kills, random.Random(seed))
+    acked = kill_writers(db, kills, random.Random(seed), group)
 
     if engine_name == "sqlite":
         sqlite_checks(db)
@@ -136,15 +145,22 @@ def test_sigkilled_writers_lose_no_acknowledged_write(
         record = store.get(TENANT, OPERATION, key)
         assert record is not None and record.status is RecordStatus.COMPLETED, key
 
-    # each run: exactly its acknowledged keys, plus at most the one in flight when killed
-    by_run: dict[int, set[str]] = defaultdict(set)
-    for key in stored_keys(db):
-        by_run[int(key.removeprefix("run").split("-")[0])].add(key)
-    for run in range(kills):
-        extra = by_run[run] - reserved[run]
-        assert len(extra) <= 1, (run, extra)
-        assert extra <= {f"run{run}-{len(reserved[run])}"}, (run, extra)
-        assert reserved[run] == {f"run{run}-{i}" for i in range(len(reserved[run]))}
+    # each writer (run, or task of a run): exactly its acknowledged keys, plus at most the
+    # one in flight when killed
+    def by_writer(keys: set[str]) -> dict[str, set[str]]:
+        found: dict[str, set[str]] = defaultdict(set)
+        for key in keys:
+            found[key.rsplit("-", 1)[0]].add(key)
+        return found
+
+    stored = by_writer(stored_keys(db))
+    acknowledged = by_writer(set().union(*reserved.values()))
+    assert set(acknowledged) <= set(stored)
+    for writer in stored:
+        mine = acknowledged.get(writer, set())
+        assert mine == {f"{writer}-{i}" for i in range(len(mine))}, writer
+        extra = stored[writer] - mine
+        assert extra <= {f"{writer}-{len(mine)}"}, (writer, extra)
 
     assert isinstance(store.reserve(TENANT, OPERATION, "after", "me", "fp"), Reserved)
     store.close()

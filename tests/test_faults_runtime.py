@@ -4,8 +4,9 @@ On SQLite and PostgreSQL, sync and async:
 
 - a call cancelled at a random point (asyncio cancellation for the async store; for the sync
   one a real SIGALRM whose handler raises KeyboardInterrupt, as Ctrl-C does) committed or left
-  nothing; every acknowledged write is visible to other connections at once; no session is
-  left in a transaction, no connection checked out, no exception unretrieved;
+  nothing, with group commit too (the others of its group acknowledged and committed); every
+  acknowledged write is visible to other connections at once; no session is left in a
+  transaction, no connection checked out, no exception unretrieved;
 - a lost connection (PostgreSQL: ``pg_terminate_backend``; SQLite, which has no server: the
   store's DBAPI connections closed underneath it) costs at most the call in flight, which
   fails with :class:`ConnectionLostError` only when it cannot be retried safely;
@@ -152,6 +153,60 @@ def test_a_cancelled_call_committed_or_left_nothing(
         if r.name.startswith("sqlalchemy.pool") and r.levelno >= logging.ERROR
     ]
     assert bad_resets == []
+
+
+async def _cancelled_group_rounds(h: Harness, rng: random.Random) -> int:
+    """Group commit: each round, 8 reserves at once (they queue behind the writer and share
+    transactions), a random half of them cancelled after 0.1-3 ms; the others must be
+    acknowledged and visible. Returns how many were cancelled before they ended."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    cancelled = 0
+    try:
+        for i in range(ROUNDS // 4):
+            calls = []
+            for j in range(8):
+                call = h.store.reserve(T, OP, f"cancelled-{i}-{j}", OWNER, FP)
+                if rng.random() < 0.5:
+                    call = asyncio.wait_for(call, rng.uniform(1e-4, 3e-3))
+                calls.append(call)
+            acked = []
+            for j, result in enumerate(await asyncio.gather(*calls, return_exceptions=True)):
+                if isinstance(result, TimeoutError):
+                    cancelled += 1
+                else:
+                    assert isinstance(result, Reserved), result
+                    acked.append(f"cancelled-{i}-{j}")
+            assert h.observer.keys(acked) == set(acked), f"round {i}: acknowledged, not committed"
+        await asyncio.sleep(0.05)
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert reported == [], f"the event loop reported: {reported[:3]}"
+    return cancelled
+
+
+def test_a_cancelled_call_in_a_group_committed_or_left_nothing(
+    open_harness: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    h = open_harness("sqlite-async", group_commit=True)
+    rng = random.Random("cancel-group")
+    caplog.set_level(logging.WARNING)
+    assert h.loop is not None
+    with write_contention(h.observer.path, "sqlite-async-group"):
+        cancelled = h.loop.run(_cancelled_group_rounds(h, rng), timeout=120)
+    assert cancelled >= 10, f"only {cancelled} calls were cancelled: no proof"
+    assert h.store._offload.grouped_calls >= 50, "the calls did not share transactions"
+    h.assert_quiet()
+    keys = [f"cancelled-{i}-{j}" for i in range(ROUNDS // 4) for j in range(8)]
+    committed = h.observer.keys(keys)
+    for key in keys:
+        record = h.call("get", T, OP, key)
+        assert (record is not None) == (key in committed), key
+    never_retrieved = [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert never_retrieved == []
 
 
 @pytest.mark.parametrize("engine_name", ENGINES)

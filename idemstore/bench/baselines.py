@@ -16,7 +16,7 @@ from sqlalchemy.engine import Dialect
 from ..db import ops
 from ..db import statements as S
 from ..db.codec import FINGERPRINT as FINGERPRINT_AT
-from ..db.codec import TOKEN
+from ..db.codec import RECORD_COLUMNS, TOKEN, U64_COLUMNS, U64_MAX_STORED, encode_u64
 from ..db.driver import CompiledStatement, Statement
 from ..db.engine import sqlite_connect_pragmas
 from ..errors import ConfigurationError
@@ -206,3 +206,106 @@ def psycopg_module() -> Any:
             f"the PostgreSQL driver psycopg cannot be imported ({error}): "
             "pip install 'idemstore[postgresql]'"
         ) from None
+
+
+# -- the plainest upsert: what a reservation costs at the least ----------------------------
+
+#: The plainest baseline's table: the record's columns (the store's, without the importer's
+#: ``record_id_field``), the primary key only: no other index, no CHECK, no conflict table.
+PLAIN_TABLE: Final = "plainest_records"
+PLAIN_COLUMNS: Final = tuple(c for c in RECORD_COLUMNS if c != "record_id_field")
+_PLAIN_FRESH: Final = tuple(
+    c
+    for c in PLAIN_COLUMNS
+    if c not in {"record_id", "status", "last_seen_at_ms", "conflict_count"}
+)
+_TEXT_COLUMNS: Final = frozenset(
+    c
+    for c in PLAIN_COLUMNS
+    if c not in U64_COLUMNS and c not in {"schema_version", "reservation_token"}
+)
+#: The store's CHECK constraints (:mod:`idemstore.db.schema`), for the cost ladder.
+_CHECKS: Final = (
+    "CHECK (status IN ('reserved', 'completed', 'conflicted'))",
+    "CHECK (tenant_source IN ('local_implicit', 'explicit'))",
+    "CHECK ((outcome_kind IS NULL) = (outcome_completed_at_ms IS NULL))",
+)
+#: What the cost ladder adds to the plainest table, by name.
+PLAIN_EXTRAS: Final = ("index", "partial index", "checks")
+
+
+def plainest_sql(table: str = PLAIN_TABLE, extras: tuple[str, ...] = ()) -> tuple[list[str], str]:
+    """The statements creating ``table`` (with ``extras`` of :data:`PLAIN_EXTRAS`: an index on
+    ``expires_at_ms``, the same index only where it is not NULL, the store's CHECKs) and the
+    plainest baseline's upsert: the same CASE branches as the store's reserve, by hand."""
+    t = table
+    expired = f"{t}.expires_at_ms IS NOT NULL AND {t}.expires_at_ms <= excluded.last_seen_at_ms"
+    columns = [
+        f"{c} {'TEXT' if c in _TEXT_COLUMNS else 'INTEGER'}"
+        + (" PRIMARY KEY" if c == "record_id" else "")
+        for c in PLAIN_COLUMNS
+    ]
+    if "checks" in extras:
+        columns += _CHECKS
+    create = [f"CREATE TABLE IF NOT EXISTS {t} ({', '.join(columns)})"]
+    if "index" in extras:
+        create.append(f"CREATE INDEX IF NOT EXISTS ix_{t}_expires ON {t} (expires_at_ms)")
+    if "partial index" in extras:
+        create.append(
+            f"CREATE INDEX IF NOT EXISTS ix_{t}_expires_set ON {t} (expires_at_ms) "
+            "WHERE expires_at_ms IS NOT NULL"
+        )
+    sets = [f"{c} = CASE WHEN {expired} THEN excluded.{c} ELSE {t}.{c} END" for c in _PLAIN_FRESH]
+    same = f"{t}.request_fingerprint = excluded.request_fingerprint"
+    sets += [
+        f"status = CASE WHEN {expired} THEN excluded.status WHEN {same} THEN {t}.status "
+        "ELSE 'conflicted' END",
+        "last_seen_at_ms = excluded.last_seen_at_ms",
+        f"conflict_count = CASE WHEN {expired} THEN excluded.conflict_count "
+        f"WHEN {same} THEN {t}.conflict_count "
+        f"WHEN {t}.conflict_count >= {U64_MAX_STORED} THEN {t}.conflict_count "
+        f"ELSE {t}.conflict_count + 1 END",
+    ]
+    upsert = (
+        f"INSERT INTO {t} ({', '.join(PLAIN_COLUMNS)}) "
+        f"VALUES ({', '.join('?' for _ in PLAIN_COLUMNS)}) "
+        f"ON CONFLICT (record_id) DO UPDATE SET {', '.join(sets)} RETURNING *"
+    )
+    return create, upsert
+
+
+class PlainestSqlite:
+    """A fresh reservation as plainly as it can be done on stdlib ``sqlite3``: the record id
+    (the same hash), one upsert with the store's CASE branches on a table with the primary key
+    only (plus ``extras``, for the cost ladder), ``BEGIN IMMEDIATE`` / ``COMMIT``, the same
+    pragmas; the answer from the token."""
+
+    def __init__(
+        self, connection: sqlite3.Connection, table: str = PLAIN_TABLE, extras: tuple[str, ...] = ()
+    ) -> None:
+        self.connection = connection
+        create, self.upsert = plainest_sql(table, extras)
+        for statement in create:
+            connection.execute(statement)
+
+    def reserve(self, key: str, fingerprint: str, now: int) -> str:
+        token = secrets.randbits(63)
+        t = TENANT
+        stored_now = encode_u64(now)
+        row = (
+            idempotency_record_id(t, OPERATION, key), 1, t.org_id, t.workspace_id,
+            t.deployment_id, t.actor_id, t.source.value, OPERATION, key, OWNER, fingerprint,
+            "reserved", stored_now, stored_now, None, None, None, None, None, None, None,
+            None, None, encode_u64(0), token,
+        )  # fmt: skip
+        conn = self.connection
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            (stored,) = conn.execute(self.upsert, row).fetchall()
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        if stored[-1] == token:
+            return "reserved"
+        return "duplicate" if stored[FINGERPRINT_AT] == fingerprint else "conflict"

@@ -20,6 +20,7 @@ from ..db.engine import safe_url
 from ..defaults import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_SYNCHRONOUS, SQLITE_SYNCHRONOUS
 from ..errors import IdemstoreError, InvalidInputError
 from .baselines import psycopg_module
+from .groupcommit import bench_group_commit
 from .harness import (
     GROWTH_SIZES,
     JSON_RECORDS,
@@ -129,6 +130,9 @@ def run_bench(settings: BenchSettings, *, log: Callable[[str], None] | None = No
             else:
                 say(f"concurrency: {settings.connections} asyncpg connections ...")
                 bench_postgres_concurrency(target, settings, result)
+        if "groupcommit" in settings.sections:
+            say("groupcommit: 1..128 concurrent async callers, with and without group commit ...")
+            bench_group_commit(target, settings, result)
         if "import" in settings.sections:
             say("import ...")
             bench_import(target, settings, result)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..aio import AsyncIdempotencyStore
     from ..store import IdempotencyStore
 
-SECTIONS: Final = ("ops", "json", "growth", "concurrency", "import", "leases")
+SECTIONS: Final = ("ops", "json", "growth", "concurrency", "groupcommit", "import", "leases")
 GROWTH_SIZES: Final = (10_000, 100_000, 1_000_000)
 JSON_RECORDS: Final = 100_000
 IMPORT_RECORDS: Final = 100_000
@@ -51,12 +51,24 @@ POSTGRES_CONNECTIONS: Final = 8
 BASELINES: Final = {
     "bare sqlite3": "the store's own SQL statements through Python's sqlite3 module on one "
     "open connection, same pragmas, no idemstore code (the ceiling)",
+    "bare sqlite3, plainest upsert": "the plainest reservation on Python's sqlite3, same "
+    "pragmas: the record's columns with the primary key only (no other index, no CHECK, no "
+    "conflict table), one INSERT .. ON CONFLICT DO UPDATE .. RETURNING with the store's CASE "
+    "branches, BEGIN IMMEDIATE / COMMIT, the record id hashed as the store does",
     "bare psycopg": "the store's own SQL statements through psycopg on one open connection, "
     "no idemstore code (the ceiling)",
     "bare asyncpg": "the store's own SQL statements through asyncpg (a pool of the same size "
     "for the concurrency figure), no idemstore code (the ceiling)",
     "JSON-file emulation": "the Rust store's persistence, emulated: the whole map serialised, "
     "written, fsynced and renamed on every reservation",
+    "idemstore sync, sequential": "the sync store, one reservation at a time, at the run's "
+    "synchronous setting (the group-commit section's reference)",
+    "idemstore sync, sequential reserve + complete": "the sync store reserving a fresh key "
+    "and completing it, one key at a time, at the run's synchronous setting",
+    "bare asyncpg, sequential": "the store's own SQL statements through asyncpg, one "
+    "reservation at a time (the group-commit section's reference on PostgreSQL)",
+    "idemstore async, 1 caller": "the async store without group commit, one caller, taking "
+    "turns with the one it is compared with",
     "bare executemany": "the driver's executemany (COPY on PostgreSQL) of the already-parsed "
     "rows in one transaction: the import if parsing were free",
     "idemstore sync reserve": "the sync store's plain reserve (no lease) of a fresh key, in "

@@ -25,7 +25,15 @@ from ..ids import idempotency_record_id
 from ..rules import now_ms
 from ..store import IdempotencyStore
 from ..transfer.writer import record_to_json
-from .baselines import BareAsyncpg, BareSync, asyncpg_module, psycopg_module
+from .baselines import (
+    PLAIN_EXTRAS,
+    PLAIN_TABLE,
+    BareAsyncpg,
+    BareSync,
+    PlainestSqlite,
+    asyncpg_module,
+    psycopg_module,
+)
 from .datagen import synthetic_record
 from .harness import (
     FINGERPRINT,
@@ -68,6 +76,59 @@ def seed_keys_of(store: IdempotencyStore, count: int) -> list[str]:
     for key in keys:
         store.reserve(TENANT, OPERATION, key, OWNER, FINGERPRINT)
     return keys
+
+
+#: The clock the plainest-upsert comparison gives every reservation (``now_ms=``).
+PLAIN_NOW = 1_700_000_000_000
+PLAINEST = "bare sqlite3, plainest upsert"
+
+
+def plainest_variants(
+    bare: BareSync, sync_store: IdempotencyStore, async_store: AsyncIdempotencyStore
+) -> list[Variant]:
+    """Fresh reservations against the plainest upsert that does the job
+    (:class:`PlainestSqlite`), taking turns: the cost ladder on bare sqlite3 (the plainest
+    table plus one thing of the store's table each: the index on ``expires_at_ms``, the same
+    index only where it is set, the CHECKs; then the store's own statements on its own table)
+    and both stores' public ``reserve`` with ``now_ms`` given."""
+    only = ("reserve (fresh)",)
+
+    def plain(table: str, extras: tuple[str, ...]) -> Callable[[str], dict[str, Runner]]:
+        baseline = PlainestSqlite(bare.connection, table, extras)
+        return lambda tag: {
+            only[0]: lambda i: baseline.reserve(f"{tag}-{i}", FINGERPRINT, PLAIN_NOW)
+        }
+
+    def sync_runs(tag: str) -> dict[str, Runner]:
+        return {
+            only[0]: lambda i: sync_store.reserve(
+                TENANT, OPERATION, f"{tag}-{i}", OWNER, FINGERPRINT, now_ms=PLAIN_NOW
+            )
+        }
+
+    def async_runs(tag: str) -> dict[str, Callable[[int], Any]]:
+        return {
+            only[0]: lambda i: async_store.reserve(
+                TENANT, OPERATION, f"{tag}-{i}", OWNER, FINGERPRINT, now_ms=PLAIN_NOW
+            )
+        }
+
+    def store_sql(tag: str) -> dict[str, Runner]:
+        return {only[0]: lambda i: bare.reserve(f"{tag}-{i}", FINGERPRINT)}
+
+    ladder = [
+        Variant(
+            f"{PLAINEST} + {extra}", PLAINEST, sync=plain(f"plain_{n}", (extra,)), workloads=only
+        )
+        for n, extra in enumerate(PLAIN_EXTRAS)
+    ]
+    return [
+        Variant(PLAINEST, None, sync=plain(PLAIN_TABLE, ()), workloads=only),
+        *ladder,
+        Variant("bare sqlite3, the store's statements", PLAINEST, sync=store_sql, workloads=only),
+        Variant("idemstore sync, now_ms given", PLAINEST, sync=sync_runs, workloads=only),
+        Variant("idemstore async, now_ms given", PLAINEST, aio=async_runs, workloads=only),
+    ]
 
 
 def _postgres_variants(
@@ -144,6 +205,7 @@ def bench_ops(target: Target, settings: BenchSettings, result: BenchResult) -> N
                     aio=lambda tag: workloads(*store_async(async_store), seeds, tag),
                 )
             )
+            variants += plainest_variants(bare, sync_store, async_store)
             # The same store on aiosqlite through SQLAlchemy's greenlet bridge, for reference.
             greenlet = extra_store = target.async_store(url, schema, offload="greenlet")
             variants.append(

@@ -48,10 +48,13 @@ Mode = Literal["read", "write"]
 
 @dataclass(frozen=True, slots=True)
 class Call(Generic[T]):
-    """One operation, ready to run: ``mode`` says which transaction it needs."""
+    """One operation, ready to run: ``mode`` says which transaction it needs; ``alone``, that
+    it runs in a transaction of its own, never in a group commit nor on the async store's
+    writer thread (it commits between batches, or is big: purge, import)."""
 
     mode: Mode
     run: Callable[[Driver], T]
+    alone: bool = False
 
 
 def _fingerprints(d: Driver, record_id: str) -> list[str]:
@@ -312,7 +315,7 @@ def purge_expired(*, now_ms: int | None = None, batch_size: int = DEFAULT_PURGE_
                 return total
             d.checkpoint()
 
-    return Call("write", run)
+    return Call("write", run, alone=True)
 
 
 def stats() -> Call[Stats]:

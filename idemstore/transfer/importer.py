@@ -306,7 +306,7 @@ def import_call(
     job = _Import(
         target, identity, replace, strict, dry_run, progress, n_workers, started
     )  # fmt: skip
-    return Call("read" if dry_run else "write", job.run)
+    return Call("read" if dry_run else "write", job.run, alone=True)
 
 
 def sync_store(store: IdempotencyStore | sa.Engine) -> IdempotencyStore:
