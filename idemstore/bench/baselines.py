@@ -296,7 +296,7 @@ class PlainestSqlite:
             idempotency_record_id(t, OPERATION, key), 1, t.org_id, t.workspace_id,
             t.deployment_id, t.actor_id, t.source.value, OPERATION, key, OWNER, fingerprint,
             "reserved", stored_now, stored_now, None, None, None, None, None, None, None,
-            None, None, encode_u64(0), token,
+            None, None, encode_u64(0), None, token,
         )  # fmt: skip
         conn = self.connection
         conn.execute("BEGIN IMMEDIATE")
