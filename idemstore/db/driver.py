@@ -370,7 +370,7 @@ class Driver:
     def join_for_write(self) -> None:
         """In a caller's transaction on SQLite: take the write lock now if no transaction has
         begun at the driver yet, rather than upgrading a deferred read later."""
-        if self._sqlite and not _sqlite_in_transaction(self.dbapi):
+        if self._sqlite and not sqlite_in_transaction(self.dbapi):
             self._sqlite_exec("BEGIN IMMEDIATE")
 
     def _sqlite_exec(self, sql: str) -> None:
@@ -380,7 +380,7 @@ class Driver:
         cursor.execute(sql)
 
 
-def _sqlite_in_transaction(dbapi: Any) -> bool:
+def sqlite_in_transaction(dbapi: Any) -> bool:
     # sqlite3.Connection has in_transaction; SQLAlchemy's aiosqlite adapter holds an
     # aiosqlite.Connection (which proxies it) as its public ``driver_connection``.
     if hasattr(dbapi, "in_transaction"):
