@@ -36,6 +36,7 @@ from .codec import (
     TOKEN,
     decode_u64,
     encode_u64,
+    full_row,
     record_from_row,
     token_text,
     token_value,
@@ -153,7 +154,7 @@ def reserve(
 
     def run(d: Driver) -> Reservation:
         token = secrets.randbits(63)
-        (row,) = d.execute(S.RESERVE, S.record_params(fresh, token))
+        (row,) = d.execute_row(S.RESERVE, S.RECORD_PARAMS, full_row(fresh, token))
         if row[TOKEN] == token:
             # This call created the current generation (new, an expired record replaced, or a
             # reservation whose lease ended re-claimed): its conflict history, if any, goes
