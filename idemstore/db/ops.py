@@ -154,12 +154,16 @@ def reserve(
 
     def run(d: Driver) -> Reservation:
         token = secrets.randbits(63)
-        (row,) = d.execute_row(S.RESERVE, S.RECORD_PARAMS, full_row(fresh, token))
+        (returned,) = d.execute_row(S.RESERVE, S.RECORD_PARAMS, full_row(fresh, token))
+        row = returned[: S.INSERTED]
         if row[TOKEN] == token:
             # This call created the current generation (new, an expired record replaced, or a
             # reservation whose lease ended re-claimed): its conflict history, if any, goes
-            # with the old generation (a re-claimed record, still reserved, has none).
-            d.execute(S.FINGERPRINTS_DELETE, {"p_record_id": record_id})
+            # with the old generation (a re-claimed record, still reserved, has none). A row
+            # the upsert inserted had no older generation (the history goes with a deleted
+            # record: ON DELETE CASCADE).
+            if not returned[S.INSERTED]:
+                d.execute(S.FINGERPRINTS_DELETE, {"p_record_id": record_id})
             return Reserved(record_from_row(row), token_text(token))
         if row[FINGERPRINT] == fingerprint:
             return Duplicate(record_from_row(row, _fingerprints(d, record_id)))
