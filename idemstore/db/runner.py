@@ -163,11 +163,13 @@ def connection_source(engine: sa.Engine) -> ConnectionSource:
     the caller's, :class:`ReusedConnections` keeping up to ``min(REUSED_MAX, pool_size - 1)``
     (the pool keeps room for others); elsewhere one pool checkout per operation.
 
-    Measured (``python -m timeit``-style, 20k calls, SQLite file, this machine): a pool
-    checkout and return (``raw_connection()`` + ``close()``, with its reset rollback) 5.8 us;
-    a pop and append here 0.3 us; a fresh reservation at ``synchronous=NORMAL`` about 5 us
-    of 69 us. PostgreSQL keeps the pool's path: a round trip is 50+ us there, and the pool's
-    ``pre_ping``/recycle and the retry count over idle connections stay as they are.
+    Measured (``timeit``, best of 5 x 20k calls, SQLite file, this machine): a pool checkout
+    and return (``raw_connection()`` + ``close()``, with its reset rollback) 5.4-5.8 us, an
+    acquire and release here 0.4 us; a fresh reservation at ``synchronous=NORMAL`` (p50) took
+    69 us before this and the positional binds (:meth:`Driver.execute_row`), 56-58 after
+    (``idemstore bench --sections ops``). PostgreSQL keeps the pool's path: a round trip is
+    50+ us there, and the pool's own checks (``pool_pre_ping``, recycle, when a caller's
+    engine has them) and the retry count over idle connections stay as they are.
     """
     pool = engine.pool
     if engine.dialect.name != "sqlite" or not isinstance(pool, QueuePool):
