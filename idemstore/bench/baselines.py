@@ -213,7 +213,11 @@ def psycopg_module() -> Any:
 #: The plainest baseline's table: the record's columns (the store's, without the importer's
 #: ``record_id_field``), the primary key only: no other index, no CHECK, no conflict table.
 PLAIN_TABLE: Final = "plainest_records"
-PLAIN_COLUMNS: Final = tuple(c for c in RECORD_COLUMNS if c != "record_id_field")
+#: The record's columns without idemstore's own extras (``record_id_field``, the lease): the
+#: Rust record, as the issue's plainest baseline has it.
+PLAIN_COLUMNS: Final = tuple(
+    c for c in RECORD_COLUMNS if c not in {"record_id_field", "lease_expires_at_ms"}
+)
 _PLAIN_FRESH: Final = tuple(
     c
     for c in PLAIN_COLUMNS
