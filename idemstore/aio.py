@@ -347,7 +347,7 @@ class AsyncIdempotencyStore:
     ) -> bool:
         """Delete a record still ``reserved`` with ``request_fingerprint``
         (:meth:`IdempotencyStore.release`); with ``token``, only while that reservation still
-        holds the key.
+        holds the key without an outcome, ``reserved`` or ``conflicted``.
 
         Parameters: ``tenant``, ``operation``, ``key``, ``request_fingerprint``, ``token``,
         ``connection``.

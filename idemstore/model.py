@@ -122,14 +122,16 @@ class IdempotencyRecord:
     @property
     def in_progress_until_ms(self) -> int | None:
         """Until when the reservation's holder is working on it: its ``lease_expires_at_ms``
-        while the record is ``reserved`` without an outcome, else None.
+        while the record has no outcome and is ``reserved`` or ``conflicted`` (a request with
+        another fingerprint came meanwhile: the reservation is still its holder's), else None.
 
         At or after that time (``now_ms() >= in_progress_until_ms``) the holder's lease has
-        ended and a ``reserve`` with the same fingerprint re-claims the key. None with
-        ``status`` ``reserved`` and no outcome means a reservation made without a lease: no
-        one can tell whether its holder is still working (the Rust store's rule; it is never
-        re-claimed, only released, completed or expired)."""
-        if self.status is RecordStatus.RESERVED and self.outcome is None:
+        ended and a ``reserve`` with the same fingerprint re-claims the key, conflicted or
+        not. None without an outcome (status ``reserved`` or ``conflicted``) means a
+        reservation made without a lease: no one can tell whether its holder is still working
+        (the Rust store's rule; it is never re-claimed, only released, completed or
+        expired)."""
+        if self.outcome is None and self.status in (RecordStatus.RESERVED, RecordStatus.CONFLICTED):
             return self.lease_expires_at_ms
         return None
 

@@ -195,7 +195,8 @@ class IdempotencyStore:
         ``expires_at_ms`` (ms since the epoch; from then on the key is reserved afresh) or
         ``ttl`` (``timedelta`` or int ms: ``expires_at_ms = now + ttl``), ``lease``
         (``timedelta`` or int ms: the holder has the key until ``now + lease``; after that
-        the same request re-claims it), ``now_ms`` (default: :func:`~idemstore.now_ms`),
+        the same request re-claims it while it has no outcome, conflicted or not),
+        ``now_ms`` (default: :func:`~idemstore.now_ms`),
         ``connection`` (run in the caller's transaction).
 
         Returns :class:`~idemstore.Reserved` ``(record, token)`` (this call holds the key: do
@@ -281,15 +282,18 @@ class IdempotencyStore:
         token: str | None = None,
         connection: SyncConnectionLike | None = None,
     ) -> bool:
-        """Delete a record that is still ``reserved`` with this ``request_fingerprint``: the
-        work failed, a retry starts clean.
+        """Delete the record with this ``request_fingerprint``: the work failed, a retry
+        starts clean. Without ``token``, only while it is still ``reserved`` (Rust); with
+        ``token``, while that reservation holds the key without an outcome, ``reserved`` or
+        ``conflicted`` (a request with another fingerprint came meanwhile), with its conflict
+        fingerprints.
 
         Parameters: ``tenant``, ``operation``, ``key``, ``request_fingerprint`` (as reserved),
         ``token`` (the ``Reserved.token``: delete only while that reservation still holds the
         key), ``connection``.
 
-        Returns whether a record was deleted (False: none, another status or fingerprint, or
-        ``token`` no longer holds it).
+        Returns whether a record was deleted (False: none, another fingerprint, another status
+        or an outcome, or ``token`` no longer holds it).
 
         Raises :class:`~idemstore.InvalidInputError` (bad arguments), and the errors of every
         operation (class docstring)."""

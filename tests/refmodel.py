@@ -7,11 +7,14 @@ module, branch for branch, so that the SQL store can be compared against it step
 
 Leases, tokens, ``renew``, ``ttl`` and the fenced ``complete``/``release`` are idemstore's own
 (issue 11), written here from the issue's words: a reservation made with ``lease`` holds the
-key until ``now + lease``; the same fingerprint finding it ``reserved``, without outcome and
-``lease_expires_at_ms <= now`` re-claims it (new token, owner, last seen and lease; first seen
-kept); a token fences: ``complete``/``renew`` with a token that is not the key's current
-generation raise, ``release`` returns False. Tokens here are the model's own names
-(``m1``, ``m2``, ...); the test maps them to the store's.
+key until ``now + lease``; the same fingerprint finding it ``reserved`` or ``conflicted``,
+without outcome and ``lease_expires_at_ms <= now`` re-claims it (new token, owner, last seen
+and lease; first seen, status and conflict history kept: a conflicting request does not keep a
+dead holder's key); a token fences: ``complete``/``renew`` with a token that is not the key's
+current generation raise, ``release`` returns False. A ``release`` with the key's token deletes
+it whatever its status while it has no outcome; without a token only a ``reserved`` one.
+Tokens here are the model's own names (``m1``, ``m2``, ...); the test maps them to the
+store's.
 
 Nothing here touches a database or reuses the store's code, except the record-id hash
 (:func:`idemstore.idempotency_record_id`, tested against the Rust vectors elsewhere) and the
@@ -162,11 +165,12 @@ class RefModel:
             record = fresh()
             self.records[record_id] = record
             return Reserved(record, self._new_token(record_id))
-        # 2a. same fingerprint, a reservation without outcome whose lease ended: re-claimed
+        # 2a. same fingerprint, a reservation without outcome whose lease ended: re-claimed,
+        # also after a conflict (status and conflict history stay as they are)
         if (
             existing is not None
             and existing.request_fingerprint == request_fingerprint
-            and existing.status is RecordStatus.RESERVED
+            and existing.status in (RecordStatus.RESERVED, RecordStatus.CONFLICTED)
             and existing.outcome is None
             and existing.lease_expires_at_ms is not None
             and existing.lease_expires_at_ms <= now_ms
@@ -252,11 +256,14 @@ class RefModel:
         if (
             record is None
             or not tenant_context_matches(record.tenant_context, tenant)
-            or record.status is not RecordStatus.RESERVED
             or record.request_fingerprint != request_fingerprint
-            or (token is not None and self.tokens.get(record_id) != token)
         ):
             return False
+        if token is None:
+            if record.status is not RecordStatus.RESERVED:  # Rust: a reserved record only
+                return False
+        elif self.tokens.get(record_id) != token or record.outcome is not None:
+            return False  # not the holder's, or done: conflicted or not, the holder's goes
         del self.records[record_id]
         del self.tokens[record_id]
         return True

@@ -5,6 +5,7 @@ response as they go out), on SQLite and on PostgreSQL: every answer of issue 13.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from idemstore import (
     InvalidInputError,
     RecordStatus,
     TenantContext,
+    idempotency_fingerprint,
     now_ms,
 )
 from idemstore.asgi import (
@@ -209,6 +211,40 @@ async def test_the_same_key_while_the_first_runs_is_409_with_retry_after(store, 
         assert (await first).status_code == 201
         assert (await http.post("/orders/1", headers=KEY)).headers["idempotent-replayed"] == "true"
     assert count(runs) == 1
+
+
+def request_fingerprint(method: str, path: str, body: bytes, query: str = "") -> str:
+    """The middleware's default fingerprint of a request (its documented parts)."""
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    return idempotency_fingerprint(["method", method, "path", path, "query", query, "body", digest])
+
+
+async def test_a_request_with_another_body_does_not_keep_a_dead_servers_key(store, runs):
+    # The first request's server reserved the key and died before it answered.
+    operation, fingerprint = (
+        "POST /orders/{order_id}",
+        request_fingerprint("POST", "/orders/1", b"body"),
+    )
+    held = await store.reserve(LOCAL, operation, "key-1", "dead-server", fingerprint, lease=400)
+    app = build_app(store, runs, lease=timedelta(seconds=5))
+    async with client(app) as http:
+        assert_problem(
+            await http.post("/orders/1", content=b"other", headers=KEY), 422, "key-reused"
+        )
+        busy = await http.post("/orders/1", content=b"body", headers=KEY)
+        assert_problem(busy, 409, "request-in-progress")  # the lease still runs
+        await asyncio.sleep(max(0, held.record.lease_expires_at_ms - now_ms() + 20) / 1000)
+        retry = await http.post("/orders/1", content=b"body", headers=KEY)
+        assert retry.status_code == 201, retry.text
+        assert "idempotent-replayed" not in retry.headers and retry.json()["run"] == 1
+        again = await http.post("/orders/1", content=b"body", headers=KEY)
+        assert again.headers["idempotent-replayed"] == "true" and again.content == retry.content
+        assert_problem(
+            await http.post("/orders/1", content=b"other", headers=KEY), 422, "key-reused"
+        )
+    assert count(runs) == 1
+    record = await store.get(LOCAL, operation, "key-1")
+    assert record.outcome is not None and record.conflict_fingerprints != ()
 
 
 async def test_a_5xx_answer_stores_nothing_and_a_retry_runs_again(store, runs):

@@ -3,9 +3,13 @@
 - a reservation with ``lease`` holds the key until ``now + lease``: the same request gets
   ``Duplicate`` while the lease runs, and re-claims it (``Reserved``, a new token, the new
   owner, ``first_seen_*`` kept) once ``lease_expires_at_ms <= now``;
-- another fingerprint is a ``Conflict`` whatever the lease; no lease is the Rust store exactly;
+- another fingerprint is a ``Conflict`` whatever the lease, and does not keep a dead holder's
+  key: a ``conflicted`` reservation without outcome whose lease ended is re-claimed too (its
+  status and conflict history kept); no lease is the Rust store exactly;
 - ``complete``/``release``/``renew`` with a token write only while it holds the key
-  (``LeaseLostError`` / ``False`` and nothing written otherwise);
+  (``LeaseLostError`` / ``False`` and nothing written otherwise), conflicted or not: a fenced
+  ``release`` deletes the holder's reservation (and its conflict fingerprints) while it has no
+  outcome;
 - ``ttl`` sets ``expires_at_ms = now + ttl``; bad leases and ttls are refused with one line.
 And the migration that adds the column keeps every row, up and down, on both engines.
 """
@@ -121,8 +125,141 @@ def test_conflict_whatever_the_lease(store: Any) -> None:
     assert ended.record.conflict_count == 2
     assert ended.record.conflict_fingerprints == ("fp-b", "fp-c")
     assert ended.record.owner == "w1" and ended.record.lease_expires_at_ms == T0 + 100
-    # conflicted is no longer "reserved": the same request is a Duplicate, not a re-claim
-    assert isinstance(reserve(store, now=T0 + 2000, lease=100), Duplicate)
+    # a conflict does not keep the key: the same request re-claims it once the lease ended
+    # (test_a_conflict_does_not_keep_a_dead_holders_key)
+    assert isinstance(reserve(store, now=T0 + 2000, lease=100), Reserved)
+
+
+def test_a_conflict_does_not_keep_a_dead_holders_key(store: Any) -> None:
+    # w1 reserves with a 30 s lease and dies; a request with another fingerprint arrives
+    first = reserve(store, now=T0, lease=timedelta(seconds=30))
+    conflict = reserve(store, now=T0 + 10, owner="w2", fp="fp-b", lease=100)
+    assert isinstance(conflict, Conflict) and conflict.record.status is RecordStatus.CONFLICTED
+    # the same request while the lease runs: in progress, until the lease ends
+    live = reserve(store, now=T0 + 29_999, owner="w3", lease=100)
+    assert isinstance(live, Duplicate) and live.record.owner == "w1"
+    assert live.record.in_progress_until_ms == T0 + 30_000
+    # the lease ended: w1's retry (or anyone with the same request) re-claims the key
+    again = reserve(store, now=T0 + 30_000, owner="w3", lease=500)
+    assert isinstance(again, Reserved) and again.token != first.token
+    rec = again.record
+    assert rec.status is RecordStatus.CONFLICTED and rec.outcome is None  # Rust data kept
+    assert (rec.conflict_count, rec.conflict_fingerprints) == (1, ("fp-b",))
+    assert (rec.owner, rec.lease_expires_at_ms, rec.last_seen_at_ms) == (
+        "w3",
+        T0 + 30_500,
+        T0 + 30_000,
+    )
+    assert (rec.first_seen_at_ms, rec.first_seen_event_id) == (T0, "evt-1")
+    assert rec.in_progress_until_ms == T0 + 30_500
+    assert store.get(tenant(), OP, KEY) == rec
+    # the dead holder's token no longer holds it
+    with pytest.raises(LeaseLostError):
+        store.complete(tenant(), OP, KEY, done(), now_ms=T0 + 30_001, token=first.token)
+    with pytest.raises(LeaseLostError):
+        store.renew(tenant(), OP, KEY, first.token, lease=100, now_ms=T0 + 30_001)
+    assert store.release(tenant(), OP, KEY, FP, token=first.token) is False
+    assert store.get(tenant(), OP, KEY) == rec
+    # the new holder renews and completes its conflicted reservation by its token
+    more = reserve(store, now=T0 + 30_002, owner="w4", fp="fp-c", lease=100)
+    assert isinstance(more, Conflict) and more.record.conflict_count == 2
+    assert store.renew(tenant(), OP, KEY, again.token, lease=1000, now_ms=T0 + 30_003) == (
+        T0 + 31_003
+    )
+    assert isinstance(reserve(store, now=T0 + 31_002, owner="w5", lease=100), Duplicate)
+    completed = store.complete(tenant(), OP, KEY, done(), now_ms=T0 + 31_010, token=again.token)
+    assert completed.status is RecordStatus.COMPLETED and completed.outcome == done()
+    assert (completed.conflict_count, completed.conflict_fingerprints) == (2, ("fp-b", "fp-c"))
+    assert completed.in_progress_until_ms is None
+    with pytest.raises(LeaseLostError):  # an outcome: no lease left to renew
+        store.renew(tenant(), OP, KEY, again.token, lease=100, now_ms=T0 + 31_011)
+    replay = reserve(store, now=T0 + 10**6, owner="w6", lease=100)
+    assert isinstance(replay, Duplicate) and replay.record.outcome == done()
+
+
+def test_a_holder_renews_and_completes_through_a_conflict(store: Any) -> None:
+    held = reserve(store, now=T0, lease=100)
+    assert isinstance(reserve(store, now=T0 + 1, owner="w2", fp="fp-b"), Conflict)
+    # the holder is alive: its token still holds the conflicted reservation
+    assert store.get(tenant(), OP, KEY).in_progress_until_ms == T0 + 100
+    assert store.renew(tenant(), OP, KEY, held.token, lease=100, now_ms=T0 + 90) == T0 + 190
+    assert isinstance(reserve(store, now=T0 + 150, owner="w3", lease=100), Duplicate)
+    rec = store.complete(tenant(), OP, KEY, done(), now_ms=T0 + 160, token=held.token)
+    assert rec.status is RecordStatus.COMPLETED and rec.owner == "w1"
+    assert (rec.conflict_count, rec.conflict_fingerprints) == (1, ("fp-b",))
+
+
+def test_a_conflicted_record_with_an_outcome_or_without_a_lease_is_never_reclaimed(
+    store: Any,
+) -> None:
+    # without a lease: the Rust store exactly
+    plain = store.reserve(tenant(), OP, "plain", "w1", FP, now_ms=T0)
+    assert isinstance(store.reserve(tenant(), OP, "plain", "w2", "fp-b", now_ms=T0 + 1), Conflict)
+    d = store.reserve(tenant(), OP, "plain", "w3", FP, now_ms=T0 + 10**9, lease=5)
+    assert isinstance(d, Duplicate) and d.record.status is RecordStatus.CONFLICTED
+    assert d.record.owner == "w1" and d.record.in_progress_until_ms is None
+    assert store.release(tenant(), OP, "plain", FP) is False  # unfenced: only "reserved"
+    assert store.release(tenant(), OP, "plain", FP, token=plain.token) is True
+    # with an outcome: replayed, never re-claimed, never released
+    r = reserve(store, now=T0, lease=100)
+    store.complete(tenant(), OP, KEY, done(), now_ms=T0 + 10, token=r.token)
+    assert isinstance(reserve(store, now=T0 + 20, owner="w2", fp="fp-b"), Conflict)
+    later = reserve(store, now=T0 + 10_000, owner="w3", lease=100)
+    assert isinstance(later, Duplicate) and later.record.outcome == done()
+    assert later.record.status is RecordStatus.CONFLICTED
+    assert later.record.in_progress_until_ms is None
+    assert store.release(tenant(), OP, KEY, FP, token=r.token) is False
+    assert store.get(tenant(), OP, KEY) == later.record
+
+
+def test_a_fenced_release_frees_a_conflicted_reservation_of_its_own(store: Any) -> None:
+    held = reserve(store, now=T0, lease=100)
+    other = store.reserve(tenant(), OP, "other-key", "w1", FP, now_ms=T0, lease=100)
+    assert isinstance(reserve(store, now=T0 + 1, owner="w2", fp="fp-b"), Conflict)
+    before = store.get(tenant(), OP, KEY)
+    assert store.release(tenant(), OP, KEY, FP) is False  # without a token: Rust's rule
+    assert store.release(tenant(), OP, KEY, FP, token=other.token) is False  # not its token
+    assert store.release(tenant(), OP, KEY, "fp-b", token=held.token) is False  # not its request
+    assert store.get(tenant(), OP, KEY) == before
+    # the work failed: the holder releases its reservation, conflicted or not
+    assert store.release(tenant(), OP, KEY, FP, token=held.token) is True
+    assert store.get(tenant(), OP, KEY) is None
+    fresh = reserve(store, now=T0 + 2, owner="w3", lease=100)
+    assert isinstance(fresh, Reserved) and fresh.record.status is RecordStatus.RESERVED
+    assert (fresh.record.conflict_count, fresh.record.conflict_fingerprints) == (0, ())
+    assert fresh.record.first_seen_at_ms == T0 + 2
+    # a re-claimed conflicted reservation is released by its new token
+    assert isinstance(reserve(store, now=T0 + 3, owner="w2", fp="fp-c"), Conflict)
+    again = reserve(store, now=T0 + 102, owner="w4", lease=100)
+    assert isinstance(again, Reserved) and again.record.status is RecordStatus.CONFLICTED
+    assert store.release(tenant(), OP, KEY, FP, token=fresh.token) is False
+    assert store.release(tenant(), OP, KEY, FP, token=again.token) is True
+    assert store.get(tenant(), OP, KEY) is None
+
+
+def test_a_fenced_release_takes_the_conflict_fingerprints_with_it(database: Database) -> None:
+    store = database.sync_store()
+    try:
+        held = reserve(store, now=T0, lease=100)
+        for fp in ("fp-b", "fp-c"):
+            reserve(store, now=T0 + 1, owner="w2", fp=fp)
+        store.reserve(tenant(), OP, "kept", "w1", FP, now_ms=T0)
+        store.reserve(tenant(), OP, "kept", "w2", "fp-b", now_ms=T0)
+
+        def fingerprints() -> int:
+            with store.engine.connect() as conn:
+                return int(
+                    conn.execute(
+                        sa.text("SELECT count(*) FROM idemstore_conflict_fingerprints")
+                    ).scalar_one()
+                )
+
+        assert fingerprints() == 3
+        assert store.release(tenant(), OP, KEY, FP, token=held.token) is True
+        assert fingerprints() == 1  # the released record's are gone, the other key's stay
+        assert store.get(tenant(), OP, "kept").conflict_fingerprints == ("fp-b",)
+    finally:
+        store.close()
 
 
 def test_no_lease_is_the_rust_store(store: Any) -> None:

@@ -146,6 +146,8 @@ class StoreMachine(RuleBasedStateMachine):
             actual = Reserved(actual.record, expected.token)
         assert actual == expected
         event(f"{type(expected).__name__} {expected if isinstance(expected, bool) else ''}")
+        if isinstance(expected, Reserved) and expected.record.conflict_count:
+            event("Reserved: a conflicted reservation re-claimed")
         return actual
 
     @initialize(start=st.sampled_from((0, 1_782_900_000_000, U64_MAX - 12)))
@@ -251,18 +253,20 @@ class StoreMachine(RuleBasedStateMachine):
                 st.integers(1, 8) | st.none(),  # (Hypothesis leans to the first choices)
                 st.integers(1, 30) | st.none(),
                 st.sampled_from((8, 3, 1, 0)),
+                st.sampled_from((BUSY[3], BUSY[3], FINGERPRINTS[1])),
             ),
             min_size=1,
             max_size=4,
         )
     )
-    def busy_reserve(self, steps: list[tuple[str, int | None, int | None, int]]) -> None:
-        """The busy key (one request: conflicts are the other rules'), a few times, a little
-        later each: a duplicate while a lease runs, a re-claim once it ended; a ttl makes the
-        key start afresh after a while."""
-        for owner, lease, ttl, later in steps:
+    def busy_reserve(self, steps: list[tuple[str, int | None, int | None, int, str]]) -> None:
+        """The busy key, a few times, a little later each: a duplicate while a lease runs, a
+        re-claim once it ended; now and then another request (a conflict, which must not keep
+        a dead holder's key from its re-claim); a ttl makes the key start afresh after a
+        while."""
+        for owner, lease, ttl, later, fingerprint in steps:
             self.tick(later)
-            self._reserve(*BUSY[:3], owner, BUSY[3], None, None, lease, ttl)
+            self._reserve(*BUSY[:3], owner, fingerprint, None, None, lease, ttl)
 
     @rule(outcome=outcomes, pick=st.integers(0, 6))
     def busy_complete(self, outcome: Outcome, pick: int) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from idemstore import (
+    Conflict,
     ConflictError,
     Duplicate,
     IdempotencyStore,
@@ -207,6 +208,37 @@ def test_waits_for_the_lease_end_then_reclaims(stores: tuple[Any, Any]) -> None:
     with pytest.raises(LeaseLostError):
         other.complete(TENANT, OP, KEY, outcome("other"), token=held.token)
     assert store.get(TENANT, OP, KEY).outcome == outcome()
+
+
+def test_a_conflicting_request_does_not_keep_a_dead_holders_key(stores: tuple[Any, Any]) -> None:
+    store, other = stores
+    other.reserve(TENANT, OP, KEY, "other", FP, lease=400)  # then "dies", never completes
+    work = Counter()
+    with pytest.raises(ConflictError):  # a request with another body, meanwhile
+        store.run_once(TENANT, OP, KEY, work, owner="b", request_fingerprint="fp-b", lease=1000)
+    with pytest.raises(InProgressError, match="its lease ends at") as caught:
+        run(store, work, lease=1000)  # the lease still runs: the holder may be alive
+    assert caught.value.record.status is RecordStatus.CONFLICTED
+    started = time.monotonic()
+    assert run(store, work, lease=1000, wait=5_000) == outcome()  # the lease ended: re-claimed
+    assert work.calls == 1 and time.monotonic() - started < 3
+    record = store.get(TENANT, OP, KEY)
+    assert record.outcome == outcome() and record.owner == "me"
+    assert (record.conflict_count, record.conflict_fingerprints) == (1, ("fp-b",))
+
+
+def test_a_failing_work_releases_its_key_through_a_conflict(stores: tuple[Any, Any]) -> None:
+    store, other = stores
+
+    def conflict_then_fail() -> Outcome:
+        assert isinstance(other.reserve(TENANT, OP, KEY, "other", "fp-b"), Conflict)
+        raise RuntimeError("provider down")
+
+    with pytest.raises(RuntimeError, match="provider down"):
+        run(store, conflict_then_fail, lease=60_000)
+    assert store.get(TENANT, OP, KEY) is None  # released with the token: a retry starts clean
+    work = Counter()
+    assert run(store, work, lease=1000) == outcome() and work.calls == 1
 
 
 def test_the_lease_is_renewed_while_work_runs(stores: tuple[Any, Any]) -> None:

@@ -216,7 +216,11 @@ def psycopg_module() -> Any:
 #: The plainest baseline's table: the record's columns (the store's, without the importer's
 #: ``record_id_field``), the primary key only: no other index, no CHECK, no conflict table.
 PLAIN_TABLE: Final = "plainest_records"
-PLAIN_COLUMNS: Final = tuple(c for c in RECORD_COLUMNS if c != "record_id_field")
+#: The record's columns without idemstore's own extras (``record_id_field``, the lease): the
+#: Rust record, as the issue's plainest baseline has it.
+PLAIN_COLUMNS: Final = tuple(
+    c for c in RECORD_COLUMNS if c not in {"record_id_field", "lease_expires_at_ms"}
+)
 _PLAIN_FRESH: Final = tuple(
     c
     for c in PLAIN_COLUMNS
@@ -299,7 +303,7 @@ class PlainestSqlite:
             idempotency_record_id(t, OPERATION, key), 1, t.org_id, t.workspace_id,
             t.deployment_id, t.actor_id, t.source.value, OPERATION, key, OWNER, fingerprint,
             "reserved", stored_now, stored_now, None, None, None, None, None, None, None,
-            None, None, encode_u64(0), None, token,
+            None, None, encode_u64(0), token,
         )  # fmt: skip
         conn = self.connection
         conn.execute("BEGIN IMMEDIATE")

@@ -90,6 +90,8 @@ OUTCOME_COLUMNS: Final = tuple(c for c in RECORD_COLUMNS if c.startswith("outcom
 KEY: Final = RECORD_COLUMNS.index("record_id")
 FINGERPRINT: Final = RECORD_COLUMNS.index("request_fingerprint")
 TOKEN: Final = RECORD_COLUMNS.index("reservation_token")
+STATUS: Final = RECORD_COLUMNS.index("status")
+CONFLICT_COUNT: Final = RECORD_COLUMNS.index("conflict_count")
 
 
 def token_text(token: int) -> str:

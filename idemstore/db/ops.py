@@ -32,7 +32,9 @@ from ..model import (
 from ..rules import DEFAULT_PURGE_BATCH, Duration
 from . import statements as S
 from .codec import (
+    CONFLICT_COUNT,
     FINGERPRINT,
+    STATUS,
     TOKEN,
     decode_u64,
     encode_u64,
@@ -120,8 +122,9 @@ def reserve(
     ttl: Duration | None = None,
 ) -> Call[Reservation]:
     """Reserve a key: one upsert whose CASE expressions are the Rust reserve's four branches
-    and the re-claim of a reservation whose lease ended (same fingerprint, ``reserved``, no
-    outcome, ``lease_expires_at_ms <= now``: a new owner, lease and token, the rest kept).
+    and the re-claim of a reservation whose lease ended (same fingerprint, ``reserved`` or
+    ``conflicted``, no outcome, ``lease_expires_at_ms <= now``: a new owner, lease and token,
+    the rest kept, status and conflict history included).
 
     Raises :class:`~idemstore.InvalidInputError` for a blank key, operation, owner or
     fingerprint (the Rust messages), a value out of range, a lease or ttl under 1 ms, or both
@@ -157,14 +160,17 @@ def reserve(
         (returned,) = d.execute_row(S.RESERVE, S.RECORD_PARAMS, full_row(fresh, token))
         row = returned[: S.INSERTED]
         if row[TOKEN] == token:
-            # This call created the current generation (new, an expired record replaced, or a
-            # reservation whose lease ended re-claimed): its conflict history, if any, goes
-            # with the old generation (a re-claimed record, still reserved, has none). A row
-            # the upsert inserted had no older generation (the history goes with a deleted
-            # record: ON DELETE CASCADE).
-            if not returned[S.INSERTED]:
-                d.execute(S.FINGERPRINTS_DELETE, {"p_record_id": record_id})
-            return Reserved(record_from_row(row), token_text(token))
+            # This call holds the current generation: new, an expired record replaced, or a
+            # reservation whose lease ended re-claimed. A new or replaced one is "reserved"
+            # with no conflict: any conflict history is the old generation's, and goes (none
+            # when the upsert inserted the row: the history goes with a deleted record, ON
+            # DELETE CASCADE). A re-claimed conflicted one keeps its history (the Rust data
+            # of that record).
+            if row[STATUS] == RecordStatus.RESERVED.value and decode_u64(row[CONFLICT_COUNT]) == 0:
+                if not returned[S.INSERTED]:
+                    d.execute(S.FINGERPRINTS_DELETE, {"p_record_id": record_id})
+                return Reserved(record_from_row(row), token_text(token))
+            return Reserved(record_from_row(row, _fingerprints(d, record_id)), token_text(token))
         if row[FINGERPRINT] == fingerprint:
             return Duplicate(record_from_row(row, _fingerprints(d, record_id)))
         d.execute(S.FINGERPRINTS_INSERT, {"p_record_id": record_id, "p_fingerprint": fingerprint})
@@ -254,9 +260,11 @@ def release(
     *,
     token: str | None = None,
 ) -> Call[bool]:
-    """Delete a record of this tenant while it is still ``reserved`` and the fingerprint
-    matches (the work failed: a retry starts clean), and with ``token`` only while the
-    reservation it names holds the key. Returns whether a record was deleted."""
+    """Delete a record of this tenant whose fingerprint matches (the work failed: a retry
+    starts clean): without ``token``, while it is still ``reserved`` (Rust); with ``token``,
+    while the reservation it names holds the key without an outcome, ``reserved`` or
+    ``conflicted`` (its conflict fingerprints go with it). Returns whether a record was
+    deleted."""
     operation = rules.non_empty(operation, "idempotency operation")
     key = rules.non_empty(key, "idempotency key")
     fingerprint = rules.non_empty(request_fingerprint, "idempotency fingerprint")

@@ -133,10 +133,15 @@ def _build_reserve(dialect: Dialect) -> ClauseElement:
     expired = sa.and_(R.c.expires_at_ms.is_not(None), R.c.expires_at_ms <= new.last_seen_at_ms)
     same = R.c.request_fingerprint == new.request_fingerprint
     # idemstore's lease (none on a record reserved without one: then the Rust rules alone):
-    # the same request finds a reservation without outcome whose lease ended, and takes it.
+    # the same request finds a reservation without outcome whose lease ended, and takes it;
+    # a conflicted one too (a request with another fingerprint must not keep a dead holder's
+    # key), keeping its status and conflict history.
     reclaim = sa.and_(
         same,
-        R.c.status == _lit(f"'{RecordStatus.RESERVED.value}'"),
+        sa.or_(
+            R.c.status == _lit(f"'{RecordStatus.RESERVED.value}'"),
+            R.c.status == _lit(f"'{RecordStatus.CONFLICTED.value}'"),
+        ),
         R.c.outcome_kind.is_(None),
         R.c.lease_expires_at_ms.is_not(None),
         R.c.lease_expires_at_ms <= new.last_seen_at_ms,
@@ -200,13 +205,14 @@ def _build_complete(dialect: Dialect, fenced: bool = False) -> ClauseElement:
 
 
 def _build_release(dialect: Dialect, fenced: bool = False) -> ClauseElement:
-    where = [
-        _tenant_match(),
-        R.c.status == _lit(f"'{RecordStatus.RESERVED.value}'"),
-        R.c.request_fingerprint == _p("request_fingerprint"),
-    ]
+    # Unfenced, the Rust rule: only a ``reserved`` record. Fenced, the holder's reservation
+    # whatever its status while it has no outcome (a conflicted reservation is still the
+    # holder's). Its conflict fingerprints go with it (ON DELETE CASCADE).
+    where = [_tenant_match(), R.c.request_fingerprint == _p("request_fingerprint")]
     if fenced:
-        where.append(_fenced())
+        where += [_fenced(), R.c.outcome_kind.is_(None)]
+    else:
+        where.append(R.c.status == _lit(f"'{RecordStatus.RESERVED.value}'"))
     return sa.delete(R).where(*where).returning(R.c.record_id)
 
 
@@ -260,7 +266,8 @@ GET_BY_ID: Final = Statement(
     "get_by_id", lambda d: sa.select(*_returning()).where(R.c.record_id == _p("record_id"))
 )
 RELEASE: Final = Statement("release", _build_release)
-#: :data:`RELEASE` only while the reservation of ``p_reservation_token`` holds the key.
+#: The reservation of ``p_reservation_token``, while it holds the key without an outcome,
+#: whatever its status (:data:`RELEASE` is Rust's: ``reserved`` only).
 RELEASE_FENCED: Final = Statement("release_fenced", lambda d: _build_release(d, fenced=True))
 #: A new ``lease_expires_at_ms`` for the reservation of ``p_reservation_token``, still
 #: without an outcome; returns it (no row: the token no longer holds).
