@@ -116,3 +116,40 @@ def test_no_reuse_where_the_pool_has_no_room_or_the_caller_watches_it(
         assert len(seen) == before + 1  # the caller's listener saw this operation's checkout
     store.close()
     engine.dispose()
+
+
+def test_a_forked_child_never_uses_the_parents_kept_connection(tmp_path: Path) -> None:
+    """After ``fork`` (a pre-forking server), the child opens its own connections: SQLite
+    forbids carrying one across a fork, and the parent keeps using its own."""
+    import os
+
+    store, engine = _store(tmp_path)
+    store.reserve(T, "op", "parent-1", "o", "fp")
+    assert engine.pool.checkedout() == 1  # kept
+    source = store._source  # the store's connection source
+    parents = {id(p.dbapi_connection) for p in source._idle}  # type: ignore[attr-defined]
+    assert parents
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, never return into pytest
+        code = 1
+        try:
+            taken = source.acquire()
+            fresh = id(taken.dbapi_connection) not in parents
+            source.release(taken, clean=True)
+            reserved = isinstance(store.reserve(T, "op", "child-1", "o", "fp"), Reserved)
+            code = 0 if fresh and reserved else 2
+        finally:
+            os.write(write, bytes([code]))
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    assert os.read(read, 1) == b"\x00"
+    os.close(read)
+    # The parent goes on with its own kept connection.
+    assert isinstance(store.reserve(T, "op", "parent-2", "o", "fp"), Reserved)
+    assert sorted(
+        r.key for r in [store.get(T, "op", k) for k in ("parent-1", "child-1", "parent-2")] if r
+    ) == ["child-1", "parent-1", "parent-2"]
+    store.close()
+    engine.dispose()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import threading
 import time
@@ -103,8 +104,14 @@ class ReusedConnections(ConnectionSource):
         self._closed = False
         self._uses = 0
         self._returning = False  # the thread that gives idle connections back is running
+        self._pid = os.getpid()
+        #: Connections a parent process held when this one was forked: never used, closed or
+        #: given back here (SQLite forbids carrying one across a fork), only kept referenced.
+        self._inherited: list[PoolProxiedConnection] = []
 
     def acquire(self) -> PoolProxiedConnection:
+        if self._pid != os.getpid():
+            self._forked()
         self._uses += 1  # a lost increment still changes it: all the give-back looks at
         try:
             return self._idle.pop()  # atomic: no two threads get the same one
@@ -123,6 +130,15 @@ class ReusedConnections(ConnectionSource):
                         ).start()
                     return
         pooled.close()
+
+    def _forked(self) -> None:
+        # In a child process: the parent's idle connections are not this process's to use,
+        # and the parent's give-back thread did not come along.
+        self._inherited.extend(self._idle)
+        self._idle = []
+        self._lock = threading.Lock()
+        self._returning = False
+        self._pid = os.getpid()
 
     def _give_back_when_idle(self) -> None:
         while True:
