@@ -21,6 +21,16 @@ def _indexes(conn: sa.Connection) -> set[str]:
     return {str(ix["name"]) for ix in sa.inspect(conn).get_indexes("idemstore_records")}
 
 
+def _definition(conn: sa.Connection, name: str) -> str:
+    if conn.dialect.name == "sqlite":
+        sql = "SELECT sql FROM sqlite_master WHERE name = :n"
+    else:
+        sql = (
+            "SELECT indexdef FROM pg_indexes WHERE indexname = :n AND schemaname = current_schema()"
+        )
+    return str(conn.execute(sa.text(sql), {"n": name}).scalar_one())
+
+
 def _purge_plan(conn: sa.Connection) -> str:
     """The query plan of purge_expired's DELETE (PostgreSQL told to avoid a sequential scan
     where it can: with three rows it would rather scan; an index it cannot use stays unused)."""
@@ -50,12 +60,14 @@ def test_migration_0004_keeps_every_row_up_and_down(database: Database) -> None:
         assert idem_migrate.current_revision(conn) == "0004_partial_expiry_index"
         assert _rows(conn) == before
         assert NEW in _indexes(conn) and OLD not in _indexes(conn)
+        assert "WHERE" in _definition(conn, NEW).upper()  # partial on both engines
         assert NEW in _purge_plan(conn)
     with engine.begin() as conn:
         idem_migrate.downgrade(conn, "0003_leases")
         assert idem_migrate.current_revision(conn) == "0003_leases"
         assert _rows(conn) == before
         assert OLD in _indexes(conn) and NEW not in _indexes(conn)
+        assert "WHERE" not in _definition(conn, OLD).upper()
         assert OLD in _purge_plan(conn)
     with engine.begin() as conn:
         idem_migrate.upgrade(conn)
