@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import weakref
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -12,7 +13,7 @@ from sqlalchemy.engine import URL
 from .db import ops
 from .db.engine import create_engine
 from .db.migrate import SchemaGate, migrate_engine
-from .db.runner import run_in_caller, run_owned
+from .db.runner import connection_source, run_in_caller, run_owned
 from .defaults import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_SYNCHRONOUS
 from .errors import ConfigurationError, StoreClosedError
 from .model import IdempotencyRecord, Outcome, Reservation, Stats, TenantContext
@@ -65,6 +66,9 @@ class IdempotencyStore:
         self._dispose_engine = dispose_engine
         self._gate = SchemaGate()
         self._closed = False
+        self._source = connection_source(engine)
+        # A store dropped without close() still gives its idle connections back to the pool.
+        weakref.finalize(self, self._source.close)
 
     @classmethod
     def from_url(
@@ -138,6 +142,7 @@ class IdempotencyStore:
         if self._closed:
             return
         self._closed = True
+        self._source.close()
         if self._dispose_engine:
             self._engine.dispose()
 
@@ -162,7 +167,7 @@ class IdempotencyStore:
         self.check_schema()
         if connection is not None:
             return run_in_caller(connection, call, self._busy_timeout_ms)
-        return run_owned(self._engine, call, self._busy_timeout_ms)
+        return run_owned(self._engine, call, self._busy_timeout_ms, self._source)
 
     # -- operations -----------------------------------------------------------------------
 

@@ -109,3 +109,18 @@ def test_bench_postgresql(capsys: pytest.CaptureFixture[str]) -> None:
     _check(report)
     variants = {f["variant"] for f in report["figures"]}
     assert {"bare psycopg", "bare asyncpg", "idemstore sync", "idemstore async"} <= variants
+
+
+def test_plainest_baseline_answers_as_the_store() -> None:
+    """The plainest-upsert baseline binds every column of the record row (a column added to
+    the record must reach it) and gives the store's three answers."""
+    import sqlite3
+
+    from idemstore.bench.baselines import PlainestSqlite
+
+    connection = sqlite3.connect(":memory:", isolation_level=None)
+    plain = PlainestSqlite(connection)
+    assert plain.reserve("k", "fp-a", 1_000) == "reserved"
+    assert plain.reserve("k", "fp-a", 1_001) == "duplicate"
+    assert plain.reserve("k", "fp-b", 1_002) == "conflict"
+    assert plain.reserve("other", "fp-b", 1_003) == "reserved"

@@ -203,3 +203,26 @@ def test_store_accepts_its_own_engine(database):
         await aengine.dispose()
 
     asyncio.run(scenario())
+
+
+def test_conflict_history_goes_with_a_generation_replaced_in_the_same_transaction(sync_setup):
+    """A record created, conflicted and replaced after its expiry inside one caller
+    transaction: the new generation has no conflict history (the reserve tells an insert
+    from an update, on PostgreSQL from the returned row's xmax, also within one transaction
+    and a savepoint)."""
+    store, engine = sync_setup
+    with engine.connect() as conn, conn.begin():
+        first = store.reserve(
+            T, "op", "k", "o", "fp-a", now_ms=1_000, expires_at_ms=2_000, connection=conn
+        )
+        assert isinstance(first, Reserved)
+        conflict = store.reserve(T, "op", "k", "o", "fp-b", now_ms=1_500, connection=conn)
+        assert conflict.record.conflict_fingerprints == ("fp-b",)
+        with conn.begin_nested():
+            fresh = store.reserve(T, "op", "k", "o", "fp-c", now_ms=2_000, connection=conn)
+        assert isinstance(fresh, Reserved)
+        assert fresh.record.conflict_fingerprints == ()
+        assert store.get(T, "op", "k", connection=conn).conflict_fingerprints == ()
+    record = store.get(T, "op", "k")
+    assert record is not None and record.conflict_fingerprints == ()
+    assert record.request_fingerprint == "fp-c" and record.conflict_count == 0

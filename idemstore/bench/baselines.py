@@ -92,7 +92,9 @@ class BareSync:
             (row,) = cursor.fetchall()
             if row[TOKEN] == token:
                 kind = "reserved"
-                cursor.execute(s["fingerprints_delete"].sql, bind(s["fingerprints_delete"], by_id))
+                if not row[S.INSERTED]:  # an older generation's history, as the store does
+                    stmt = s["fingerprints_delete"]
+                    cursor.execute(stmt.sql, bind(stmt, by_id))
             else:
                 if row[FINGERPRINT_AT] == fingerprint:
                     kind = "duplicate"
@@ -152,8 +154,9 @@ class BareAsyncpg:
         async with conn.transaction():
             row = await conn.fetchrow(s["reserve"].sql, *bind(s["reserve"], params))
             if row[TOKEN] == token:
-                stmt = s["fingerprints_delete"]
-                await conn.execute(stmt.sql, *bind(stmt, by_id))
+                if not row[S.INSERTED]:
+                    stmt = s["fingerprints_delete"]
+                    await conn.execute(stmt.sql, *bind(stmt, by_id))
                 return "reserved"
             kind = "duplicate"
             if row[FINGERPRINT_AT] != fingerprint:

@@ -38,6 +38,7 @@ from .codec import (
     TOKEN,
     decode_u64,
     encode_u64,
+    full_row,
     record_from_row,
     token_text,
     token_value,
@@ -156,14 +157,18 @@ def reserve(
 
     def run(d: Driver) -> Reservation:
         token = secrets.randbits(63)
-        (row,) = d.execute(S.RESERVE, S.record_params(fresh, token))
+        (returned,) = d.execute_row(S.RESERVE, S.RECORD_PARAMS, full_row(fresh, token))
+        row = returned[: S.INSERTED]
         if row[TOKEN] == token:
             # This call holds the current generation: new, an expired record replaced, or a
             # reservation whose lease ended re-claimed. A new or replaced one is "reserved"
-            # with no conflict: any conflict history is the old generation's, and goes. A
-            # re-claimed conflicted one keeps its history (the Rust data of that record).
+            # with no conflict: any conflict history is the old generation's, and goes (none
+            # when the upsert inserted the row: the history goes with a deleted record, ON
+            # DELETE CASCADE). A re-claimed conflicted one keeps its history (the Rust data
+            # of that record).
             if row[STATUS] == RecordStatus.RESERVED.value and decode_u64(row[CONFLICT_COUNT]) == 0:
-                d.execute(S.FINGERPRINTS_DELETE, {"p_record_id": record_id})
+                if not returned[S.INSERTED]:
+                    d.execute(S.FINGERPRINTS_DELETE, {"p_record_id": record_id})
                 return Reserved(record_from_row(row), token_text(token))
             return Reserved(record_from_row(row, _fingerprints(d, record_id)), token_text(token))
         if row[FINGERPRINT] == fingerprint:

@@ -23,6 +23,9 @@ from .schema import records as R
 
 #: Ids per ``IN (...)`` list of the batch look-ups and deletes.
 BULK_ROWS: Final = 500
+#: Position, in a row :data:`RESERVE` returns, of whether the upsert inserted it (after the
+#: record's columns).
+INSERTED: Final = len(RECORD_COLUMNS)
 #: Bind names of a whole record row, in row order.
 RECORD_PARAMS: Final = tuple(f"p_{name}" for name in RECORD_COLUMNS)
 
@@ -160,7 +163,19 @@ def _build_reserve(dialect: Dialect) -> ClauseElement:
         else_=R.c.conflict_count + _lit("1"),
     )
     upsert = stmt.on_conflict_do_update(index_elements=[R.c.record_id], set_=set_)  # type: ignore[attr-defined]
-    return upsert.returning(*_returning())  # type: ignore[no-any-return]
+    return upsert.returning(*_returning(), _inserted(dialect))  # type: ignore[no-any-return]
+
+
+def _inserted(dialect: Dialect) -> sa.ColumnElement[Any]:
+    """After the reserve's row, whether the upsert inserted it (no older generation of the
+    record, so no conflict history to delete). PostgreSQL: ``xmax = 0`` on the returned
+    version (an update by ON CONFLICT, even in the same transaction or a savepoint, leaves
+    its transaction or multixact id there); saves the history ``DELETE``, a round trip per
+    fresh key. SQLite: unknown (false), the ``DELETE`` runs: measured on bare sqlite3, it
+    costs about what any test of the same question in the statement would (2.6 us)."""
+    if dialect.name == "postgresql":
+        return (sa.literal_column("xmax") == sa.literal_column("0")).label("inserted")
+    return sa.false().label("inserted")
 
 
 def _fenced() -> sa.ColumnElement[bool]:
@@ -241,7 +256,7 @@ def _build_stats(dialect: Dialect) -> ClauseElement:
 
 
 #: One upsert whose CASE expressions are the Rust reserve's four branches and the lease
-#: re-claim; returns the row.
+#: re-claim; returns the row, then whether it inserted it (:data:`INSERTED`).
 RESERVE: Final = Statement("reserve", _build_reserve)
 COMPLETE: Final = Statement("complete", _build_complete)
 #: :data:`COMPLETE` only while the reservation of ``p_reservation_token`` holds the key.
