@@ -34,6 +34,7 @@ from .harness import (
     BenchSettings,
     Sample,
     Variant,
+    callers_round,
     figures_from,
     make_figure,
     run_rounds,
@@ -50,30 +51,6 @@ FRESH_BASELINE: Final = "idemstore sync, sequential reserve + complete"
 
 def callers_workload(n: int) -> str:
     return f"reserve (fresh), {n} concurrent caller{'s' if n > 1 else ''}"
-
-
-async def callers_round(
-    reserve: Callable[[str], Awaitable[object]], n: int, seconds: float, tag: str
-) -> Sample:
-    """``n`` tasks reserving fresh keys for ``seconds``: one sample over all of them."""
-    latencies: list[int] = []
-    clock = time.perf_counter_ns
-    deadline = clock() + int(seconds * 1e9)
-
-    async def task(t: int) -> int:
-        i = 0
-        while True:
-            t0 = clock()
-            await reserve(f"{tag}-t{t}-{i}")
-            t1 = clock()
-            latencies.append(t1 - t0)
-            i += 1
-            if t1 >= deadline:
-                return i
-
-    start = clock()
-    counts = await asyncio.gather(*(task(t) for t in range(n)))
-    return Sample(sum(counts), (clock() - start) / 1e9, latencies)
 
 
 def sequential_round(reserve: Callable[[str], object], seconds: float, tag: str) -> Sample:

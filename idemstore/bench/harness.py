@@ -271,6 +271,30 @@ AsyncRunner = Callable[[int], Awaitable[object]]
 W = TypeVar("W")
 
 
+async def callers_round(
+    reserve: Callable[[str], Awaitable[object]], n: int, seconds: float, tag: str
+) -> Sample:
+    """``n`` tasks reserving fresh keys for ``seconds``: one sample over all of them."""
+    latencies: list[int] = []
+    clock = time.perf_counter_ns
+    deadline = clock() + int(seconds * 1e9)
+
+    async def task(t: int) -> int:
+        i = 0
+        while True:
+            t0 = clock()
+            await reserve(f"{tag}-t{t}-{i}")
+            t1 = clock()
+            latencies.append(t1 - t0)
+            i += 1
+            if t1 >= deadline:
+                return i
+
+    start = clock()
+    counts = await asyncio.gather(*(task(t) for t in range(n)))
+    return Sample(sum(counts), (clock() - start) / 1e9, latencies)
+
+
 def workloads(
     reserve: Callable[[str, str], W],
     complete: Callable[[str], W],

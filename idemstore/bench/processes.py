@@ -10,7 +10,7 @@ import multiprocessing
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from .harness import (
     BenchResult,
     BenchSettings,
     Sample,
+    callers_round,
     make_figure,
     set_ratio,
 )
@@ -140,37 +141,21 @@ def bench_sqlite_concurrency(target: Target, settings: BenchSettings, result: Be
     result.figures += [base, mine, one]
 
 
-async def _postgres_concurrency_round(
+def _postgres_concurrency_round(
     store: AsyncIdempotencyStore | None,
     pool: Any,
     bare: BareAsyncpg,
     k: int,
     seconds: float,
     tag: str,
-) -> Sample:
-    latencies: list[int] = []
-    clock = time.perf_counter_ns
-    deadline = clock() + int(seconds * 1e9)
+) -> Awaitable[Sample]:
+    async def reserve(key: str) -> object:
+        if store is not None:
+            return await store.reserve(TENANT, OPERATION, key, OWNER, FINGERPRINT)
+        async with pool.acquire() as conn:
+            return await bare.reserve(conn, key, FINGERPRINT)
 
-    async def task(n: int) -> int:
-        i = 0
-        while True:
-            key = f"{tag}-t{n}-{i}"
-            t0 = clock()
-            if store is not None:
-                await store.reserve(TENANT, OPERATION, key, OWNER, FINGERPRINT)
-            else:
-                async with pool.acquire() as conn:
-                    await bare.reserve(conn, key, FINGERPRINT)
-            t1 = clock()
-            latencies.append(t1 - t0)
-            i += 1
-            if t1 >= deadline:
-                return i
-
-    start = clock()
-    counts = await asyncio.gather(*(task(n) for n in range(k)))
-    return Sample(sum(counts), (clock() - start) / 1e9, latencies)
+    return callers_round(reserve, k, seconds, tag)
 
 
 def bench_postgres_concurrency(
