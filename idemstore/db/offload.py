@@ -36,6 +36,7 @@ from .ops import Call
 from .runner import ConnectionSource, run_owned
 
 T = TypeVar("T")
+Q = TypeVar("Q")
 
 #: A worker thread that has had nothing to do for this long gives its connection back.
 IDLE_GIVE_BACK_S: Final = 0.05
@@ -246,11 +247,7 @@ class WorkerThreads:
         source = self._local.source = _HeldConnection(self._engine)
         try:
             while True:
-                try:
-                    item = self._queue.get(timeout=IDLE_GIVE_BACK_S)
-                except queue.Empty:
-                    source.give_back()
-                    item = self._queue.get()
+                item = _next_or_give_back(self._queue, source)
                 if item is None:
                     return
                 fn, args, loop, future = item
@@ -272,11 +269,7 @@ class WorkerThreads:
         source = _HeldConnection(self._engine)
         try:
             while True:
-                try:
-                    item = self._writes.get(timeout=IDLE_GIVE_BACK_S)
-                except queue.Empty:
-                    source.give_back()
-                    item = self._writes.get()
+                item = _next_or_give_back(self._writes, source)
                 if item is None:
                     return
                 group = [item]
@@ -398,6 +391,16 @@ def _translated(error: Exception, dialect: sa.Dialect, busy_timeout_ms: int | No
             raise error
     except Exception as translated:
         return translated
+
+
+def _next_or_give_back(items: queue.SimpleQueue[Q], source: _HeldConnection) -> Q:
+    """The next item of a worker's queue; a connection held for more than
+    :data:`IDLE_GIVE_BACK_S` without work goes back to the pool while the worker waits."""
+    try:
+        return items.get(timeout=IDLE_GIVE_BACK_S)
+    except queue.Empty:
+        source.give_back()
+        return items.get()
 
 
 async def off_loop(fn: Callable[[], T]) -> T:
